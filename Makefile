@@ -1,0 +1,29 @@
+# Every target creates .venv when it is missing; nothing else needs to be installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test test-all demo benchmark clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch first, at the versions this machine keeps on disk (CPU machines run the CUDA build fine)
+	$(PY) -m pip install "torch>=2.3,<=2.14.1" "torchvision>=0.18,<=0.29.1"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/decode.py
+
+clean-venv:
+	rm -rf $(VENV)
