@@ -1,0 +1,305 @@
+"""Frozen SAM behind a small, batched interface.
+
+``Segmenter.embed`` runs SAM's own preprocessing and image encoder on images of any size;
+``Segmenter.decode`` runs the prompt encoder and mask decoder for **B different images in one call**
+(segment-anything's ``MaskDecoder`` repeats one image embedding for every prompt set, so the
+batched path re-composes its sub-modules here without touching the installed package).
+Coordinates and mask conventions are those of :mod:`alignsam.geometry`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from segment_anything.modeling import Sam
+
+from alignsam.geometry import input_size_for, low_res_to_original, resize_image_for_sam
+
+OFFICIAL_CHECKPOINTS: Dict[str, str] = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+DOWNLOAD_PAGE = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
+
+
+@dataclass
+class EmbeddedImages:
+    """SAM image embeddings plus what maps them back to each original image.
+
+    embeddings: ``(B, C, h, w)`` float (C = 256, h = w = 64 for the official models).
+    original_hw: ``(B, 2)`` long, original ``(H, W)``.
+    input_hw: ``(B, 2)`` long, size after the longest-side resize (before padding).
+    """
+
+    embeddings: torch.Tensor
+    original_hw: torch.Tensor
+    input_hw: torch.Tensor
+
+
+class CheckpointError(FileNotFoundError):
+    """A segmenter or matcher checkpoint is missing or does not fit the architecture."""
+
+
+def read_checkpoint_file(path: Union[str, Path], expected_name: str, where: str):
+    """``torch.load`` a local checkpoint, or raise one clear error naming the file.
+
+    Args:
+        path: the configured checkpoint path.
+        expected_name: the file name users should have (for the message).
+        where: where to get it (a URL or a command), for the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint not found: {path} (expected the file '{expected_name}'; get it from {where} "
+            f"and set the checkpoint path in the config)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated download, wrong format
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def load_state_dict_file(path: Union[str, Path], expected_name: str, where: str) -> dict:
+    """:func:`read_checkpoint_file`, unwrapping ``{"state_dict": ...}`` containers."""
+    state = read_checkpoint_file(path, expected_name, where)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state
+
+
+class Segmenter(nn.Module):
+    """A frozen SAM: batched embedding and batched prompting over different images.
+
+    Args:
+        sam: a ``segment_anything.modeling.Sam``; it is frozen and put in eval mode here.
+        name: the registry name it was built from (part of the feature-cache fingerprint).
+        fingerprint: a string that identifies the weights (part of the feature-cache key).
+    """
+
+    def __init__(self, sam: Sam, name: str = "custom", fingerprint: str = "") -> None:
+        super().__init__()
+        self.sam = sam
+        self.name = name
+        self.fingerprint = fingerprint
+        self.sam.eval()
+        for p in self.sam.parameters():
+            p.requires_grad_(False)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def img_size(self) -> int:
+        """Side of SAM's square input (1024 official, 256 tiny)."""
+        return self.sam.image_encoder.img_size
+
+    @property
+    def embedding_hw(self) -> Tuple[int, int]:
+        """``(h, w)`` of the image embedding grid."""
+        return tuple(self.sam.prompt_encoder.image_embedding_size)
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels C of the image embedding."""
+        return self.sam.prompt_encoder.embed_dim
+
+    @property
+    def low_res_hw(self) -> Tuple[int, int]:
+        """``(h, w)`` of the decoder's low-res logits (4 x the embedding grid)."""
+        h, w = self.embedding_hw
+        return 4 * h, 4 * w
+
+    def train(self, mode: bool = True) -> "Segmenter":
+        # Frozen: stays in eval mode whatever the enclosing module does.
+        return super().train(False)
+
+    # -- image side ----------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SAM's own preprocessing of uint8 ``(H, W, 3)`` images of any sizes.
+
+        Returns:
+            pixels ``(B, 3, S, S)`` normalised and padded; original_hw ``(B, 2)``; input_hw ``(B, 2)``.
+        """
+        device = self.sam.pixel_mean.device
+        batch, original, resized = [], [], []
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+            small = resize_image_for_sam(image, self.img_size)
+            tensor = torch.as_tensor(small, device=device).permute(2, 0, 1).contiguous()
+            batch.append(self.sam.preprocess(tensor[None].float())[0])
+            original.append(image.shape[:2])
+            resized.append(small.shape[:2])
+        return (
+            torch.stack(batch),
+            torch.tensor(original, dtype=torch.long),
+            torch.tensor(resized, dtype=torch.long),
+        )
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[np.ndarray]) -> EmbeddedImages:
+        """Embed a list of uint8 ``(H, W, 3)`` images (sizes may differ) -> :class:`EmbeddedImages`."""
+        pixels, original_hw, input_hw = self.preprocess(images)
+        return EmbeddedImages(self.sam.image_encoder(pixels), original_hw, input_hw)
+
+    # -- prompt side ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        points: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor],
+        mask_input: Optional[torch.Tensor] = None,
+        multimask: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt SAM on B different images at once.
+
+        Args:
+            embeddings: ``(B, C, h, w)`` image embeddings (may be half precision; cast here).
+            points: ``(B, N, 2)`` float clicks in SAM's input frame, or None for no clicks.
+            labels: ``(B, N)`` 1 positive, 0 negative, -1 padding (ignored by SAM).
+            mask_input: optional ``(B, 1, 4h, 4w)`` low-res logits from a previous step.
+            multimask: return SAM's three multimask outputs instead of its single-mask output.
+        Returns:
+            low-res logits ``(B, M, 4h, 4w)`` and predicted IoU ``(B, M)``, M = 3 if multimask else 1.
+        """
+        return self.decode_with_grad(embeddings, points, labels, mask_input, multimask)
+
+    def decode_with_grad(
+        self,
+        embeddings: torch.Tensor,
+        points: Optional[torch.Tensor],
+        labels: Optional[torch.Tensor],
+        mask_input: Optional[torch.Tensor] = None,
+        multimask: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` without ``no_grad`` (used by the tiny-SAM pretraining)."""
+        prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
+        dtype = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype
+        embeddings = embeddings.to(dtype)
+        point_prompt = None
+        if points is not None:
+            point_prompt = (points.to(dtype), labels.to(points.device))
+        sparse, dense = prompt_encoder(
+            points=point_prompt,
+            boxes=None,
+            masks=None if mask_input is None else mask_input.to(dtype),
+        )
+        if points is None:  # no clicks at all: SAM's sparse prompt is then empty
+            sparse = sparse.expand(embeddings.shape[0], -1, -1)
+        masks, iou = _decode_batched(
+            decoder, embeddings, prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        select = slice(1, None) if multimask else slice(0, 1)
+        return masks[:, select], iou[:, select]
+
+    def logits_to_original(self, low_res: torch.Tensor, embedded: EmbeddedImages, index: int) -> torch.Tensor:
+        """Low-res logits ``(M, h, w)`` of image ``index`` -> ``(M, H, W)`` logits at original size."""
+        return low_res_to_original(
+            low_res,
+            tuple(embedded.input_hw[index].tolist()),
+            tuple(embedded.original_hw[index].tolist()),
+            self.img_size,
+        )
+
+
+def _decode_batched(
+    decoder: nn.Module,
+    embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` with one embedding per prompt set instead of one shared one.
+
+    Args:
+        decoder: a ``segment_anything.modeling.MaskDecoder``.
+        embeddings: ``(B, C, h, w)``; image_pe ``(1, C, h, w)``; sparse ``(B, T, C)``;
+            dense ``(B, C, h, w)``.
+    Returns:
+        all ``1 + num_multimask`` masks ``(B, M, 4h, 4w)`` and their predicted IoU ``(B, M)``.
+    """
+    batch = embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens[None].expand(batch, -1, -1), sparse), dim=1)
+    src = embeddings + dense
+    pos_src = image_pe.expand(batch, -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_token_out)
+
+
+# -- registry ----------------------------------------------------------------------------------
+SegmenterBuilder = Callable[[Optional[str]], Segmenter]
+SEGMENTER_REGISTRY: Dict[str, SegmenterBuilder] = {}
+
+
+def register_segmenter(name: str) -> Callable[[SegmenterBuilder], SegmenterBuilder]:
+    """Decorator: make a builder available to :func:`build_segmenter` under ``name``."""
+
+    def wrap(fn: SegmenterBuilder) -> SegmenterBuilder:
+        SEGMENTER_REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def file_fingerprint(path: Union[str, Path]) -> str:
+    """Cheap identity of a weights file: name, size and modification time, plus a hash of its head."""
+    import hashlib
+
+    path = Path(path)
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha1(f.read(1 << 20)).hexdigest()[:16]
+    return f"{path.name}:{stat.st_size}:{head}"
+
+
+def _official_builder(name: str) -> SegmenterBuilder:
+    def build(checkpoint: Optional[str]) -> Segmenter:
+        from segment_anything import sam_model_registry
+
+        sam = sam_model_registry[name](checkpoint=None)
+        fingerprint = "random-init"
+        if checkpoint is not None:
+            state = load_state_dict_file(checkpoint, OFFICIAL_CHECKPOINTS[name], DOWNLOAD_PAGE)
+            try:
+                sam.load_state_dict(state)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} does not fit SAM '{name}' "
+                    f"(expected {OFFICIAL_CHECKPOINTS[name]}): {str(err)[:300]}"
+                ) from err
+            fingerprint = file_fingerprint(checkpoint)
+        return Segmenter(sam, name=name, fingerprint=fingerprint)
+
+    return build
+
+
+for _name in OFFICIAL_CHECKPOINTS:
+    register_segmenter(_name)(_official_builder(_name))
+
+
+def build_segmenter(name: str, checkpoint: Optional[str] = None) -> Segmenter:
+    """Build a frozen segmenter from a registry name (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``).
+
+    ``checkpoint=None`` gives random weights (tests only).
+    """
+    import alignsam.foundation.tiny  # noqa: F401  registers "tiny"
+
+    if name not in SEGMENTER_REGISTRY:
+        raise KeyError(f"unknown segmenter '{name}' (config key segmenter.name); known: {sorted(SEGMENTER_REGISTRY)}")
+    return SEGMENTER_REGISTRY[name](checkpoint)

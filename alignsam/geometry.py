@@ -1,0 +1,121 @@
+"""The one place for the project's spatial conventions.
+
+Frames
+------
+* **original frame**: pixel coordinates of the image as loaded, ``(x, y)`` with x to the right,
+  y down, origin at the top-left pixel's corner. Ground truth and final predictions live here.
+* **SAM input frame**: the image after SAM's longest-side resize to ``img_size`` (1024 for the
+  official models, 256 for the tiny one) and bottom/right zero padding to a square. Points fed to
+  the prompt encoder are in this frame (the prompt encoder itself adds the half-pixel shift).
+* **low-res frame**: the mask decoder's output grid (``4 x`` the embedding grid: 256 x 256 for the
+  official models), covering the whole padded square.
+* **action grid**: ``G x G`` patches tiling the *original* image; action ``a`` is patch
+  ``(row, col) = divmod(a, G)``; its click is the patch centre.
+
+Masks
+-----
+SAM's logits are thresholded at ``MASK_LOGIT_THRESHOLD`` (0.0, SAM's own ``mask_threshold``);
+probability maps are ``sigmoid(logits)``. Ground-truth binary masks are foreground where the
+stored value is ``> GT_FOREGROUND_THRESHOLD`` (127 for 0/255 PNGs).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MASK_LOGIT_THRESHOLD = 0.0
+GT_FOREGROUND_THRESHOLD = 127
+
+
+def input_size_for(original_hw: Tuple[int, int], img_size: int) -> Tuple[int, int]:
+    """Size ``(h, w)`` of an ``original_hw`` image after SAM's longest-side resize to ``img_size``."""
+    h, w = original_hw
+    scale = img_size / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image_for_sam(image: np.ndarray, img_size: int) -> np.ndarray:
+    """Longest-side resize of a ``(H, W, 3)`` uint8 image, exactly as ``SamPredictor`` does it."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    return ResizeLongestSide(img_size).apply_image(image)
+
+
+def original_to_sam_points(
+    points_xy: torch.Tensor, original_hw: torch.Tensor, img_size: int
+) -> torch.Tensor:
+    """Map points from the original frame to SAM's input frame.
+
+    Args:
+        points_xy: ``(B, N, 2)`` float, ``(x, y)`` in each image's original frame.
+        original_hw: ``(B, 2)`` original ``(h, w)`` of each image.
+        img_size: SAM's square input side.
+    Returns:
+        ``(B, N, 2)`` float points in SAM's input frame.
+    """
+    original_hw = original_hw.to(points_xy.device, torch.float32)
+    scale = img_size / original_hw.max(dim=1).values  # (B,)
+    new_hw = torch.floor(original_hw * scale[:, None] + 0.5)  # as input_size_for
+    ratio_xy = (new_hw / original_hw).flip(-1)  # (B, 2) as (w ratio, h ratio)
+    return points_xy * ratio_xy[:, None, :]
+
+
+def patch_centres(grid: int, original_hw: torch.Tensor) -> torch.Tensor:
+    """Centres of the ``grid x grid`` action patches in each image's original frame.
+
+    Args:
+        grid: G, patches per side.
+        original_hw: ``(B, 2)`` original ``(h, w)``.
+    Returns:
+        ``(B, G*G, 2)`` float ``(x, y)``, action ``a`` at index ``a`` (row-major).
+    """
+    steps = (torch.arange(grid, dtype=torch.float32, device=original_hw.device) + 0.5) / grid
+    ys, xs = torch.meshgrid(steps, steps, indexing="ij")
+    unit = torch.stack([xs.flatten(), ys.flatten()], dim=-1)  # (G*G, 2) in [0, 1]
+    wh = original_hw.to(torch.float32).flip(-1)  # (B, 2) as (w, h)
+    return unit[None] * wh[:, None, :]
+
+
+def actions_to_sam_points(
+    actions: torch.Tensor, grid: int, original_hw: torch.Tensor, img_size: int
+) -> torch.Tensor:
+    """The single conversion from action indices to SAM input-frame click coordinates.
+
+    Args:
+        actions: ``(B, K)`` long action indices in ``[0, G*G)``.
+        grid: G.
+        original_hw: ``(B, 2)``.
+        img_size: SAM's square input side.
+    Returns:
+        ``(B, K, 2)`` float points in SAM's input frame.
+    """
+    centres = patch_centres(grid, original_hw)  # (B, G*G, 2)
+    picked = torch.gather(centres, 1, actions[..., None].expand(-1, -1, 2))
+    return original_to_sam_points(picked, original_hw, img_size)
+
+
+def low_res_to_original(
+    low_res: torch.Tensor, input_hw: Tuple[int, int], original_hw: Tuple[int, int], img_size: int
+) -> torch.Tensor:
+    """Upsample low-res logits of one image back to its original frame (as ``Sam.postprocess_masks``).
+
+    Args:
+        low_res: ``(C, h, w)`` or ``(1, C, h, w)`` logits in the low-res frame.
+    Returns:
+        ``(C, H, W)`` logits at original resolution.
+    """
+    x = low_res if low_res.dim() == 4 else low_res[None]
+    x = F.interpolate(x.float(), (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    x = F.interpolate(x, tuple(int(v) for v in original_hw), mode="bilinear", align_corners=False)
+    return x[0]
+
+
+def low_res_to_grid(
+    low_res: torch.Tensor, grid_hw: Sequence[int]
+) -> torch.Tensor:
+    """Resize ``(B, C, h, w)`` low-res maps to another grid of the padded square (e.g. the embedding)."""
+    return F.interpolate(low_res.float(), tuple(grid_hw), mode="bilinear", align_corners=False)
