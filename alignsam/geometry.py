@@ -15,8 +15,9 @@ Frames
 Masks
 -----
 SAM's logits are thresholded at ``MASK_LOGIT_THRESHOLD`` (0.0, SAM's own ``mask_threshold``);
-probability maps are ``sigmoid(logits)``. Ground-truth binary masks are foreground where the
-stored value is ``> GT_FOREGROUND_THRESHOLD`` (127 for 0/255 PNGs).
+probability maps are ``sigmoid(logits)`` and are thresholded at ``PROB_THRESHOLD`` (0.5: the
+same decision as ``logits > 0`` up to float rounding of tiny logits). Ground-truth binary masks are
+foreground where the stored value is ``> GT_FOREGROUND_THRESHOLD`` (127 for 0/255 PNGs).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 MASK_LOGIT_THRESHOLD = 0.0
+PROB_THRESHOLD = 0.5
 GT_FOREGROUND_THRESHOLD = 127
 
 
