@@ -30,7 +30,6 @@ key                   type                                   meaning
 Batches are ``list[Sample]`` (:func:`collate_samples`): images differ in size, so nothing is
 stacked; every validation/test sample carries its ground truth at original resolution and its id.
 """
-from __future__ import annotations
 
 from typing import Any, List, Mapping, Sequence, TypedDict
 
