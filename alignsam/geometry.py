@@ -11,6 +11,12 @@ Frames
   official models), covering the whole padded square.
 * **action grid**: ``G x G`` patches tiling the *original* image; action ``a`` is patch
   ``(row, col) = divmod(a, G)``; its click is the patch centre.
+* **whole-image grid**: any ``h x w`` grid of cells tiling the *whole original image* (no padding):
+  cell ``(r, c)`` covers ``x in [c W / w, (c + 1) W / w)``, ``y in [r H / h, (r + 1) H / h)``. The
+  action grid is the whole-image grid with ``h = w = G``. Text-matcher (CLIP Surgery) maps live
+  here: CLIP sees the image squashed to its square input, so its patch grid tiles the whole image.
+  :func:`resize_whole_image_maps` changes the grid; :func:`whole_image_maps_to_sam_grid` puts such
+  maps into the padded square of SAM's frames (e.g. onto the embedding grid).
 
 Masks
 -----
@@ -121,3 +127,45 @@ def low_res_to_grid(
 ) -> torch.Tensor:
     """Resize ``(B, C, h, w)`` low-res maps to another grid of the padded square (e.g. the embedding)."""
     return F.interpolate(low_res.float(), tuple(grid_hw), mode="bilinear", align_corners=False)
+
+
+def resize_whole_image_maps(maps: torch.Tensor, out_hw: Sequence[int]) -> torch.Tensor:
+    """Resample ``(B, C, h, w)`` maps on one whole-image grid to another, ``(B, C, *out_hw)``.
+
+    Shrinking both sides: area averaging (each output cell is the mean of the input area it
+    covers). Otherwise bilinear with ``align_corners=False`` (cell centres keep their image
+    positions), antialiased along a side that shrinks. Weights are non-negative and sum to one, so
+    values stay within the input's range.
+    """
+    out_hw = tuple(int(v) for v in out_hw)
+    if maps.dim() != 4:
+        raise ValueError(f"expected (B, C, h, w) maps, got shape {tuple(maps.shape)}")
+    in_hw = tuple(maps.shape[-2:])
+    if in_hw == out_hw:
+        return maps.float()
+    if out_hw[0] <= in_hw[0] and out_hw[1] <= in_hw[1]:
+        return F.interpolate(maps.float(), out_hw, mode="area")
+    shrinking = out_hw[0] < in_hw[0] or out_hw[1] < in_hw[1]
+    return F.interpolate(maps.float(), out_hw, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def whole_image_maps_to_sam_grid(
+    maps: torch.Tensor, input_hw: torch.Tensor, img_size: int, grid_hw: Sequence[int]
+) -> torch.Tensor:
+    """Place whole-image maps into SAM's padded square and resample them to ``grid_hw``.
+
+    Args:
+        maps: ``(B, C, h, w)`` maps on a whole-image grid of each image.
+        input_hw: ``(B, 2)`` each image's size after SAM's longest-side resize (before padding).
+        img_size: SAM's square input side.
+        grid_hw: target grid of the padded square, e.g. the embedding grid ``(64, 64)``.
+    Returns:
+        ``(B, C, *grid_hw)``; the padding (bottom/right) is 0.
+    """
+    out = []
+    for b in range(maps.shape[0]):
+        in_h, in_w = (int(v) for v in input_hw[b])
+        placed = maps.new_zeros((1, maps.shape[1], img_size, img_size), dtype=torch.float32)
+        placed[..., :in_h, :in_w] = resize_whole_image_maps(maps[b : b + 1], (in_h, in_w))
+        out.append(resize_whole_image_maps(placed, grid_hw))
+    return torch.cat(out)
