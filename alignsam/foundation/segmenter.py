@@ -177,23 +177,8 @@ class Segmenter(nn.Module):
         mask_input: Optional[torch.Tensor] = None,
         multimask: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`decode` without ``no_grad`` (used by the tiny-SAM pretraining)."""
-        prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
-        dtype = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype
-        embeddings = embeddings.to(dtype)
-        point_prompt = None
-        if points is not None:
-            point_prompt = (points.to(dtype), labels.to(points.device))
-        sparse, dense = prompt_encoder(
-            points=point_prompt,
-            boxes=None,
-            masks=None if mask_input is None else mask_input.to(dtype),
-        )
-        if points is None:  # no clicks at all: SAM's sparse prompt is then empty
-            sparse = sparse.expand(embeddings.shape[0], -1, -1)
-        masks, iou = _decode_batched(
-            decoder, embeddings, prompt_encoder.get_dense_pe(), sparse, dense
-        )
+        """:meth:`decode` without ``no_grad``."""
+        masks, iou = prompt_and_decode(self.sam, embeddings, points, labels, mask_input)
         select = slice(1, None) if multimask else slice(0, 1)
         return masks[:, select], iou[:, select]
 
@@ -205,6 +190,34 @@ class Segmenter(nn.Module):
             tuple(embedded.original_hw[index].tolist()),
             self.img_size,
         )
+
+
+def prompt_and_decode(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    points: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    mask_input: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder of ``sam`` for B different images; all 1 + 3 outputs.
+
+    Args: as :meth:`Segmenter.decode`.
+    Returns:
+        logits ``(B, 4, 4h, 4w)``: index 0 is SAM's single-mask output, 1..3 its multimask outputs;
+        predicted IoU ``(B, 4)``.
+    """
+    prompt_encoder = sam.prompt_encoder
+    dtype = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype
+    embeddings = embeddings.to(dtype)
+    point_prompt = None
+    if points is not None:
+        point_prompt = (points.to(dtype), labels.to(points.device))
+    sparse, dense = prompt_encoder(
+        points=point_prompt, boxes=None, masks=None if mask_input is None else mask_input.to(dtype)
+    )
+    if points is None:  # no clicks at all: SAM's sparse prompt is then empty
+        sparse = sparse.expand(embeddings.shape[0], -1, -1)
+    return _decode_batched(sam.mask_decoder, embeddings, prompt_encoder.get_dense_pe(), sparse, dense)
 
 
 def _decode_batched(

@@ -1,0 +1,79 @@
+"""Click simulators shared by the tiny-SAM pretraining and the evaluation baselines.
+
+All clicks are ``(x, y)`` in the frame of the masks they are computed from (pixel centres at
+integer + 0.5 are *not* added here: SAM's prompt encoder adds the half-pixel shift itself).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+
+def interior_point(mask: np.ndarray) -> Optional[Tuple[float, float]]:
+    """The point of a bool ``(H, W)`` mask farthest from its border (``None`` if empty)."""
+    if not mask.any():
+        return None
+    padded = np.pad(mask.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+def oracle_next_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Tuple[float, float, int]]:
+    """The standard interactive-segmentation click: interior of the largest error region.
+
+    Args:
+        pred, gt: bool ``(H, W)``.
+    Returns:
+        ``(x, y, label)`` with label 1 for a missed foreground region, 0 for a false positive;
+        ``None`` when the prediction is already perfect.
+    """
+    best = None
+    for region, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
+        if not region.any():
+            continue
+        padded = np.pad(region.astype(np.uint8), 1)
+        dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+        peak = float(dist.max())
+        if best is None or peak > best[0]:
+            y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+            best = (peak, float(x), float(y), label)
+    return None if best is None else best[1:]
+
+
+def random_clicks_in(masks: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One uniform random pixel inside each mask (SAM's training-time click sampler).
+
+    Args:
+        masks: bool ``(N, H, W)``; an empty mask gets a uniform random pixel anywhere.
+    Returns:
+        ``(N, 2)`` float ``(x, y)``.
+    """
+    n, h, w = masks.shape
+    weights = masks.reshape(n, -1).float()
+    weights[weights.sum(1) == 0] = 1.0
+    flat = torch.multinomial(weights, 1, generator=generator)[:, 0]
+    return torch.stack([(flat % w).float(), (flat // w).float()], dim=1)
+
+
+def random_error_clicks(
+    pred: torch.Tensor, gt: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's corrective click: uniform in the error region, labelled by the kind of error.
+
+    Args:
+        pred, gt: bool ``(N, H, W)``.
+    Returns:
+        points ``(N, 2)`` float ``(x, y)`` and labels ``(N,)`` long (1 = missed foreground,
+        0 = false positive). Where there is no error the click is a positive one inside ``gt``.
+    """
+    error = pred ^ gt
+    no_error = ~error.flatten(1).any(1)
+    error[no_error] = gt[no_error]
+    points = random_clicks_in(error, generator)
+    x, y = points[:, 0].long(), points[:, 1].long()
+    labels = gt[torch.arange(gt.shape[0]), y, x].long()
+    return points, labels
