@@ -110,8 +110,8 @@ def read_size(path: Path, key: str) -> Tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataConfigError(key, f"unreadable image file ({err.__class__.__name__}: {err})",
-                              path) from None
+        raise DataConfigError(key, f"unreadable or truncated image file "
+                              f"({err.__class__.__name__}: {err})", path) from None
     return h, w
 
 
@@ -135,8 +135,8 @@ def check_complete(path: Path, key: str) -> None:
     except DataConfigError:
         raise
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataConfigError(key, f"unreadable image file ({err.__class__.__name__}: {err})",
-                              path) from None
+        raise DataConfigError(key, f"unreadable or truncated image file "
+                              f"({err.__class__.__name__}: {err})", path) from None
 
 
 def _decode(path: Path, key: str) -> Image.Image:

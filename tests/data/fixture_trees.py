@@ -139,12 +139,17 @@ def voc_palette() -> List[int]:
 
 
 def voc_label_map(image_id: str, classes: Sequence[int], hw: Tuple[int, int] = (H, W)) -> np.ndarray:
-    """uint8 class ids: one rectangle per class (later ones on top), a 255 void band around each."""
+    """uint8 class ids: class ``j`` of ``n`` is a rectangle in the ``j``-th vertical strip, ringed
+    by a band of void (255) pixels; the rest is background (0)."""
     label_map = np.zeros(hw, np.uint8)
-    for c in classes:
-        mask = mask_for(f"{image_id}/{c}", hw)
+    strip = hw[1] // len(classes)
+    for j, c in enumerate(classes):
+        mask = np.zeros(hw, bool)
+        mask[:, j * strip:(j + 1) * strip] = mask_for(f"{image_id}/{c}", (hw[0], strip))
         ys, xs = np.nonzero(mask)
-        label_map[max(ys.min() - 1, 0): ys.max() + 2, max(xs.min() - 1, 0): xs.max() + 2] = 255
+        band = np.zeros(hw, bool)
+        band[max(ys.min() - 1, 0): ys.max() + 2, max(xs.min() - 1, 0): xs.max() + 2] = True
+        label_map[band & (label_map == 0)] = 255
         label_map[mask] = c
     return label_map
 
