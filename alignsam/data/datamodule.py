@@ -12,7 +12,6 @@ samples carry their ground truth at original resolution and their id.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence
 
 import lightning as L

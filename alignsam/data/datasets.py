@@ -156,7 +156,7 @@ def resolve_split(
     base = layout.splits.get(split)
     keys = {f: f"data.splits.{split}.{f}" for f in ("image_dir", "mask_dir", "ids_file")}
     if base is None:
-        if not ({"image_dir", "mask_dir"} <= set(overrides) or (image_dir and mask_dir)):
+        if not ((overrides.get("image_dir") or image_dir) and (overrides.get("mask_dir") or mask_dir)):
             known = sorted(set(layout.splits) | set(splits or {}))
             raise DataConfigError(f"data.splits.{split}", f"preset {preset!r} has no split {split!r} "
                                   f"(known: {', '.join(known)}); define its image_dir and mask_dir")

@@ -74,13 +74,13 @@ def test_folder_names_are_overridable(tmp_path):
     assert dataset.ids == ["0001", "0002"] and dataset.image_key == "data.image_dir"
     np.testing.assert_array_equal(dataset[1]["mask"], masks["0002"])
     write_pair(tmp_path / "sbu", "SBU-Train/ShadowImages", "SBU-Train/ShadowMasks", "lssd1")
-    dataset = BinaryMaskFolder.from_layout(
-        tmp_path / "sbu", "sbu", "train",
-        splits={"train": {"image_dir": "SBU-Train/ShadowImages", "mask_dir": "SBU-Train/ShadowMasks"}})
+    renamed = {"train": {"image_dir": "SBU-Train/ShadowImages", "mask_dir": "SBU-Train/ShadowMasks"}}
+    dataset = BinaryMaskFolder.from_layout(tmp_path / "sbu", "sbu", "train", splits=renamed)
     assert dataset.ids == ["lssd1"] and dataset.text == "shadow"
-    assert BinaryMaskFolder.from_layout(tmp_path / "sbu", "sbu", "train", text="dark area",
-                                        splits={"train": {"image_dir": "SBU-Train/ShadowImages",
-                                                          "mask_dir": "SBU-Train/ShadowMasks"}}).text == "dark area"
+    assert dataset.image_key == "data.splits.train.image_dir"
+    dataset = BinaryMaskFolder.from_layout(tmp_path / "sbu", "sbu", "train", text="dark area",
+                                           splits=renamed)
+    assert dataset.text == "dark area" and dataset[0]["text"] == "dark area"
 
 
 def test_masks_with_a_stem_suffix(tmp_path):
@@ -166,7 +166,8 @@ def test_non_binary_mask(tmp_path):
 
 def test_pascal_s_accepts_graded_masks_by_default(tmp_path):
     write_image(tmp_path / "datasets/imgs/pascal/1.jpg", np.zeros((H, W, 3), np.uint8))
-    write_mask(tmp_path / "datasets/masks/pascal/1.png", np.tile(np.linspace(0, 255, W).astype(np.uint8), (H, 1)))
+    graded = np.tile(np.linspace(0, 255, W).astype(np.uint8), (H, 1))
+    write_mask(tmp_path / "datasets/masks/pascal/1.png", graded)
     dataset = BinaryMaskFolder.from_layout(tmp_path, "pascal_s", "test")
     assert dataset[0]["mask"].sum() == H * (np.linspace(0, 255, W) > 127).sum()
 
