@@ -279,10 +279,12 @@ def _blur_scene(rng, cfg, seed) -> Scene:
     _paint_objects(rng, canvas, objects, cfg)
     sigma = rng.uniform(*cfg.blur_sigma)
     blurred = cv2.GaussianBlur(canvas, (0, 0), sigma)
-    if rng.random() < 0.5:  # defocused background behind one or two sharp objects
-        sharp = np.zeros((size, size), bool)
-        for obj in objects[-int(rng.integers(1, 3)):]:
-            sharp |= obj.mask
+    sharp = np.zeros((size, size), bool)
+    for obj in objects[::-1]:  # the front-most objects, until they cover a fifth of the image
+        if sharp.mean() >= 0.2:
+            break
+        sharp |= obj.mask
+    if rng.random() < 0.35 and sharp.mean() >= 0.2:  # defocused background behind sharp objects
         blur_mask = ~sharp
     else:  # one or two defocused objects, and a defocused blob of background
         blur_mask = np.zeros((size, size), bool)

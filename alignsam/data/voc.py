@@ -157,31 +157,35 @@ class VOCEpisodes(Dataset):
     Args:
         images: image-level items with ``label_map`` (a :class:`VOCSegmentation`, possibly wrapped
             in :class:`~alignsam.data.augment.AugmentedViews`); it must offer ``read_label_map(i)``.
-        class_texts: the 20 episode texts, class id ``c`` reads ``class_texts[c - 1]``.
+        class_texts: the episode texts, class id ``c`` reads ``class_texts[c - 1]``.
+        class_names: the class keys used in episode ids (default VOC's 20).
 
     The class lists are read once here (label maps only). Episodes of one image are adjacent,
-    ordered by class id; an episode's ``id`` is ``"<image_id>:<VOC class key>"``.
+    ordered by class id; an episode's ``id`` is ``"<image_id>:<class key>"``. The procedural
+    ``categories`` scenes use the same class with their own names.
     """
 
-    def __init__(self, images: Dataset, class_texts: Sequence[str] = VOC_CLASS_TEXTS):
-        if len(class_texts) != NUM_VOC_CLASSES - 1:
-            raise DataConfigError("data.class_texts", f"needs {NUM_VOC_CLASSES - 1} class names, "
+    def __init__(self, images: Dataset, class_texts: Sequence[str] = VOC_CLASS_TEXTS,
+                 class_names: Sequence[str] = VOC_CLASS_NAMES):
+        if len(class_texts) != len(class_names):
+            raise DataConfigError("data.class_texts", f"needs {len(class_names)} class names, "
                                   f"got {len(class_texts)}")
         self.images = images
         self.class_texts = tuple(class_texts)
+        self.class_names = tuple(class_names)
         self.episodes: List[Tuple[int, int]] = []  # (image index, class id)
         without = 0
         for index in range(len(images)):
             present = np.unique(images.read_label_map(index))
-            classes = [int(c) for c in present if 0 < c < NUM_VOC_CLASSES]
+            classes = [int(c) for c in present if 0 < c <= len(self.class_names)]
             without += not classes
             self.episodes += [(index, c) for c in classes]
         if without:
-            log.info("%d of %d VOC images show no class and yield no episode", without, len(images))
+            log.info("%d of %d images show no class and yield no episode", without, len(images))
 
     def episode_id(self, k: int) -> str:
         index, class_id = self.episodes[k]
-        return f"{self.images.ids[index]}:{VOC_CLASS_NAMES[class_id - 1]}"
+        return f"{self.images.ids[index]}:{self.class_names[class_id - 1]}"
 
     @property
     def ids(self) -> List[str]:

@@ -44,6 +44,8 @@ class TinySamPretraining(L.LightningModule):
         bf16: run the image encoder under CPU/GPU bf16 autocast (prompt encoder stays fp32).
         export_path, export_every: where and how often the shipped weights file is written.
         seed: seed of the click sampler.
+        torch_threads: intra-op threads (0 keeps torch's default). On a shared 2-core machine 1 is
+            several times faster than 2: OpenMP threads spin-wait when another process holds a core.
     """
 
     def __init__(
@@ -64,9 +66,12 @@ class TinySamPretraining(L.LightningModule):
         export_path: str = "checkpoints/tiny_sam.pt",
         export_every: int = 250,
         seed: int = 0,
+        torch_threads: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.arch = TinySamArch(
             encoder_dim=encoder_dim, encoder_depth=encoder_depth, encoder_heads=encoder_heads, prompt_dim=prompt_dim
         )

@@ -1,0 +1,129 @@
+"""The procedural scenes as datasets and a LightningDataModule, in the same sample format as real data.
+
+Scene ``i`` of a split is ``render_scene(task, SPLIT_SEED_BASE[split] + i)``: train, val and test use
+disjoint seed ranges. Binary tasks yield one :class:`~alignsam.data.sample.Sample` per scene; the
+``categories`` task yields one episode per (scene, category present), like PASCAL VOC.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from alignsam.data.datamodule import CheckFiles, _FewShotDataModule
+from alignsam.data.augment import AugmentConfig
+from alignsam.data.files import DataConfigError
+from alignsam.data.sample import Sample
+from alignsam.data.scenes import CATEGORY_NAMES, SPLIT_SEED_BASE, TASK_TEXT, TASKS, SceneConfig, render_scene
+from alignsam.data.voc import VOCEpisodes
+
+
+class SceneImages(Dataset):
+    """Scenes ``seeds`` of one task. Binary tasks: samples; ``categories``: image-level items with a
+    ``label_map`` (expand them with :class:`~alignsam.data.voc.VOCEpisodes`).
+
+    Args:
+        task: one of ``TASKS``.
+        seeds: the scene seeds (absolute, i.e. already offset into the split's range).
+        text: episode text of binary tasks (default ``TASK_TEXT[task]``).
+        scene_config: generator knobs.
+    """
+
+    def __init__(self, task: str, seeds: Sequence[int], text: Optional[str] = None,
+                 scene_config: SceneConfig = SceneConfig()) -> None:
+        if task not in TASKS:
+            raise DataConfigError("data.task", f"unknown scene task '{task}'; known: {', '.join(TASKS)}")
+        self.task = task
+        self.seeds = list(seeds)
+        self.text = text or TASK_TEXT.get(task, task)
+        self.scene_config = scene_config
+
+    @property
+    def ids(self) -> List[str]:
+        return [f"{self.task}-{seed}" for seed in self.seeds]
+
+    @property
+    def image_paths(self) -> List:
+        return []  # nothing on disk: splits are disjoint by construction
+
+    def subset(self, ids: Sequence[str]) -> "SceneImages":
+        by_id = dict(zip(self.ids, self.seeds))
+        return SceneImages(self.task, [by_id[i] for i in ids], self.text, self.scene_config)
+
+    def check_files(self, decode: bool = False) -> None:
+        """Nothing to check: scenes are rendered."""
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, index: int) -> Dict:
+        seed = self.seeds[index]
+        scene = render_scene(self.task, seed, self.scene_config)
+        scene_id = self.ids[index]
+        if self.task == "categories":
+            return {"image": scene.image, "label_map": scene.label_map(), "id": scene_id, "image_id": scene_id}
+        return Sample(image=scene.image, mask=scene.target(), text=self.text, id=scene_id, image_id=scene_id)
+
+    def read_label_map(self, index: int) -> np.ndarray:
+        """Class ids of scene ``index`` (``categories``): 0 background, 1.. ``CATEGORY_NAMES``."""
+        return render_scene(self.task, self.seeds[index], self.scene_config).label_map()
+
+
+class SceneDataModule(_FewShotDataModule):
+    """A bundled-world task: few-shot training scenes, validation and test scenes.
+
+    Args:
+        task: ``blur``, ``shadow``, ``glass``, ``saliency`` or ``categories``.
+        train_pool: scenes in the train range the few-shot set is drawn from.
+        train_size: few-shot training scenes (paper protocol: 50), drawn with ``subset_seed``.
+        val_size, test_size: scenes of the val and test ranges (the first ones, so fixed).
+        text: episode text of binary tasks (default the task word, e.g. ``shadow``).
+        Others as in :class:`~alignsam.data.datamodule.BinaryMaskDataModule`.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        train_pool: int = 1000,
+        train_size: Optional[int] = 50,
+        subset_seed: int = 0,
+        train_ids_file: Optional[str] = None,
+        val_size: int = 64,
+        test_size: int = 200,
+        text: Optional[str] = None,
+        augment_views: int = 0,
+        augment: AugmentConfig = AugmentConfig(),
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        fewshot_ids_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["augment"])
+        self.augment = augment
+        self._pools = {
+            "train": SceneImages(task, range(SPLIT_SEED_BASE["train"], SPLIT_SEED_BASE["train"] + train_pool), text),
+            "val": SceneImages(task, range(SPLIT_SEED_BASE["val"], SPLIT_SEED_BASE["val"] + val_size), text),
+            "test": SceneImages(task, range(SPLIT_SEED_BASE["test"], SPLIT_SEED_BASE["test"] + test_size), text),
+        }
+        check: CheckFiles = "none"
+        self._prepare(train_size=train_size, subset_seed=subset_seed, train_ids_file=train_ids_file,
+                      val_size=None, augment_views=augment_views, augment=augment, check_files=check,
+                      allow_split_overlap=True)
+
+    def _ids_header(self) -> List[str]:
+        h = self.hparams
+        return [f"SceneDataModule task={h.task} train_pool={h.train_pool} train_size={h.train_size} "
+                f"subset_seed={h.subset_seed} train_ids_file={h.train_ids_file}",
+                "scene ids of the few-shot training set; data.train_ids_file reads this file back"]
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Classes of the ``categories`` label map (background included); None for binary tasks."""
+        return 1 + len(CATEGORY_NAMES) if self.hparams.task == "categories" else None
+
+    def _episodes(self, images: Dataset) -> Dataset:
+        if self.hparams.task == "categories":
+            return VOCEpisodes(images, CATEGORY_NAMES, CATEGORY_NAMES)
+        return images

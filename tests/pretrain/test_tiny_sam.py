@@ -1,0 +1,83 @@
+"""Tiny-SAM pretraining: the loss goes down, the regions are right, the shipped weights are good."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignsam.data.scenes import REGION_KINDS, render_scene
+from alignsam.foundation.segmenter import build_segmenter
+from alignsam.pretrain.evaluate_tiny_sam import click_curves, summarise
+from alignsam.pretrain.regions import SceneRegionStream, region_components, sample_regions
+from alignsam.pretrain.tiny_sam import TinySamPretraining
+
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_sam.pt"
+# Quality written in checkpoints/README.md (issue 4 targets); the suite asks for 90% of them.
+TARGET_IOU_FIRST_CLICK = 0.65
+TARGET_IOU_SIXTH_CLICK = 0.80
+
+
+def test_region_components_cover_every_kind_of_scene():
+    kinds = set()
+    for task in ("blur", "shadow", "glass", "saliency", "categories"):
+        scene = render_scene(task, 3)
+        for kind, mask in region_components(scene, min_area=150):
+            assert mask.sum() >= 150
+            kinds.add(kind)
+    assert kinds == set(REGION_KINDS)
+
+
+def test_sample_regions_draws_kinds_evenly():
+    comps = [("object", np.ones((4, 4), bool))] * 9 + [("shadow", np.zeros((4, 4), bool))]
+    picked = sample_regions(comps, 2000, np.random.default_rng(0))
+    share = np.mean([k == "shadow" for k, _ in picked])
+    assert 0.45 < share < 0.55  # by kind, not by count (which would give 0.1)
+
+
+def test_region_stream_is_deterministic_and_well_formed():
+    a = next(iter(SceneRegionStream(regions_per_image=3, seed=5)))
+    b = next(iter(SceneRegionStream(regions_per_image=3, seed=5)))
+    image, masks, kinds = a
+    assert image.shape == (3, 256, 256) and image.dtype == torch.uint8
+    assert masks.shape == (3, 256, 256) and masks.dtype == torch.bool and masks.flatten(1).any(1).all()
+    assert kinds.shape == (3,)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_a_few_pretraining_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    module = TinySamPretraining(encoder_dim=32, encoder_depth=1, encoder_heads=2, prompt_dim=32,
+                                corrective_rounds=1, bf16=False)
+    module.log = module.log_dict = lambda *a, **k: None
+    stream = iter(SceneRegionStream(regions_per_image=2, seed=1))
+    batch = [torch.stack(x) for x in zip(*[next(stream) for _ in range(2)])]
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        module.click_generator.manual_seed(0)  # same clicks each step: a pure fit of one batch
+        loss = module.training_step(batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_click_curves_shape_and_summary():
+    torch.manual_seed(0)
+    curves = click_curves(build_segmenter("tiny"), scenes_per_task=1, clicks=2, tasks=("shadow",))
+    assert set(curves) <= set(REGION_KINDS) and "shadow" in curves
+    for rows in curves.values():
+        assert rows.shape[1] == 2 and ((rows >= 0) & (rows <= 1)).all()
+    assert "IoU@2" in summarise(curves)
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="checkpoints/tiny_sam.pt not shipped yet")
+def test_shipped_tiny_sam_reaches_90_percent_of_its_quality():
+    segmenter = build_segmenter("tiny", str(SHIPPED))
+    curves = click_curves(segmenter, scenes_per_task=4, clicks=6)
+    rows = np.concatenate(list(curves.values()))
+    first, sixth = rows[:, 0].mean(), rows[:, 5].mean()
+    print(f"shipped tiny SAM on {len(rows)} held-out regions: IoU@1 {first:.3f}, IoU@6 {sixth:.3f}")
+    assert first >= 0.9 * TARGET_IOU_FIRST_CLICK
+    assert sixth >= 0.9 * TARGET_IOU_SIXTH_CLICK
