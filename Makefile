@@ -8,9 +8,8 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	# torch first, at the versions this machine keeps on disk (CPU machines run the CUDA build fine)
-	$(PY) -m pip install "torch>=2.3,<=2.14.1" "torchvision>=0.18,<=0.29.1"
+	# torch first, so pip's own configuration (a local wheel cache, a CUDA index) decides its build
+	$(PY) -m pip install "torch>=2.3" "torchvision>=0.18"
 	$(PY) -m pip install -e ".[dev]"
 	touch $(STAMP)
 
