@@ -285,10 +285,11 @@ def _official_builder(name: str) -> SegmenterBuilder:
     def build(checkpoint: Optional[str]) -> Segmenter:
         from segment_anything import sam_model_registry
 
+        # read the file first: a missing checkpoint is reported before a large model is built
+        state = None if checkpoint is None else load_state_dict_file(checkpoint, OFFICIAL_CHECKPOINTS[name], DOWNLOAD_PAGE)
         sam = sam_model_registry[name](checkpoint=None)
         fingerprint = "random-init"
-        if checkpoint is not None:
-            state = load_state_dict_file(checkpoint, OFFICIAL_CHECKPOINTS[name], DOWNLOAD_PAGE)
+        if state is not None:
             try:
                 sam.load_state_dict(state)
             except RuntimeError as err:
