@@ -6,7 +6,7 @@ rarer kinds (shadows, panes) are learnt as well as objects.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -28,18 +28,24 @@ def region_components(scene, min_area: int) -> List[Tuple[str, np.ndarray]]:
 
 
 def sample_regions(
-    components: Sequence[Tuple[str, np.ndarray]], count: int, rng: np.random.Generator
+    components: Sequence[Tuple[str, np.ndarray]], count: int, rng: np.random.Generator,
+    kind_weights: Optional[Dict[str, float]] = None,
 ) -> List[Tuple[str, np.ndarray]]:
-    """Draw ``count`` components, first a kind uniformly among those present, then a component of it."""
+    """Draw ``count`` components: a kind among those present (uniformly, or by ``kind_weights``),
+    then one of its components not drawn yet (repeats only once every component of that kind has
+    been drawn)."""
     by_kind: Dict[str, List[np.ndarray]] = {}
     for kind, mask in components:
         by_kind.setdefault(kind, []).append(mask)
     kinds = sorted(by_kind)
+    weights = np.array([(kind_weights or {}).get(kind, 1.0) for kind in kinds], float)
+    unused = {kind: list(rng.permutation(len(masks))) for kind, masks in by_kind.items()}
     picked = []
     for _ in range(count):
-        kind = kinds[rng.integers(len(kinds))]
-        masks = by_kind[kind]
-        picked.append((kind, masks[rng.integers(len(masks))]))
+        kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+        if not unused[kind]:  # every component of this kind drawn: start over
+            unused[kind] = list(rng.permutation(len(by_kind[kind])))
+        picked.append((kind, by_kind[kind][unused[kind].pop()]))
     return picked
 
 
@@ -52,6 +58,7 @@ class SceneRegionStream(IterableDataset):
         seed: base seed of the stream (workers and ranks get disjoint sub-streams).
         min_area: smallest component, in pixels.
         tasks: scene tasks to mix (all five by default).
+        kind_weights: relative odds of drawing each region kind (default 1 each).
     """
 
     def __init__(
@@ -62,8 +69,10 @@ class SceneRegionStream(IterableDataset):
         min_area: int = 150,
         tasks: Sequence[str] = TASKS,
         scene_config: SceneConfig = SceneConfig(),
+        kind_weights: Optional[Dict[str, float]] = None,
     ) -> None:
         super().__init__()
+        self.kind_weights = dict(kind_weights or {})
         self.regions_per_image = regions_per_image
         self.base = SPLIT_SEED_BASE[split]
         self.seed = seed
@@ -84,7 +93,7 @@ class SceneRegionStream(IterableDataset):
             components = region_components(scene, self.min_area)
             if not components:
                 continue
-            picked = sample_regions(components, self.regions_per_image, rng)
+            picked = sample_regions(components, self.regions_per_image, rng, self.kind_weights)
             masks = torch.from_numpy(np.stack([m for _, m in picked]))
             kinds = torch.tensor([REGION_KINDS.index(k) for k, _ in picked])
             yield torch.from_numpy(scene.image).permute(2, 0, 1).contiguous(), masks, kinds

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import lightning as L
 import torch
@@ -41,6 +41,8 @@ class TinySamPretraining(L.LightningModule):
         corrective_rounds: clicks after the first one, per region and step.
         mask_input_prob: probability that a corrective round feeds the previous logits back.
         focal_weight, dice_weight, iou_weight: loss weights (SAM: 20 : 1 : 1).
+        focal_alpha: focal loss weight of foreground pixels (0.25 favours "predict nothing" for
+            small regions of a from-scratch model; 0.5 weighs both classes equally).
         bf16: run the image encoder under CPU/GPU bf16 autocast (prompt encoder stays fp32).
         export_path, export_every: where and how often the shipped weights file is written.
         seed: seed of the click sampler.
@@ -62,6 +64,7 @@ class TinySamPretraining(L.LightningModule):
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
         iou_weight: float = 1.0,
+        focal_alpha: float = 0.5,
         bf16: bool = True,
         export_path: str = "checkpoints/tiny_sam.pt",
         export_every: int = 250,
@@ -83,7 +86,7 @@ class TinySamPretraining(L.LightningModule):
     def _mask_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits ``(N, M, h, w)``, soft target ``(N, h, w)`` in [0, 1] -> focal + Dice ``(N, M)``."""
         target = target[:, None].expand_as(logits)
-        return self.hparams.focal_weight * focal_loss(logits, target) + self.hparams.dice_weight * dice_loss(logits, target)
+        return self.hparams.focal_weight * focal_loss(logits, target, self.hparams.focal_alpha) + self.hparams.dice_weight * dice_loss(logits, target)
 
     def _round(
         self, embeddings: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
@@ -202,16 +205,17 @@ class SceneRegionData(L.LightningDataModule):
         batch_size: images per step (each with ``regions_per_image`` regions).
         regions_per_image, min_area, seed: see :class:`SceneRegionStream`.
         num_workers: DataLoader workers (scene rendering is cheap; 1 is enough on 2 cores).
+        kind_weights: relative odds of each region kind (see :func:`sample_regions`).
     """
 
     def __init__(self, batch_size: int = 16, regions_per_image: int = 4, min_area: int = 150,
-                 seed: int = 0, num_workers: int = 1) -> None:
+                 seed: int = 0, num_workers: int = 1, kind_weights: Optional[Dict[str, float]] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        stream = SceneRegionStream(h.regions_per_image, "train", h.seed, h.min_area)
+        stream = SceneRegionStream(h.regions_per_image, "train", h.seed, h.min_area, kind_weights=h.kind_weights)
         return DataLoader(stream, batch_size=h.batch_size, num_workers=h.num_workers,
                           persistent_workers=h.num_workers > 0)
 

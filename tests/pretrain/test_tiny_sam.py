@@ -32,6 +32,14 @@ def test_sample_regions_draws_kinds_evenly():
     picked = sample_regions(comps, 2000, np.random.default_rng(0))
     share = np.mean([k == "shadow" for k, _ in picked])
     assert 0.45 < share < 0.55  # by kind, not by count (which would give 0.1)
+    weighted = sample_regions(comps, 2000, np.random.default_rng(0), {"shadow": 0.25})
+    assert 0.15 < np.mean([k == "shadow" for k, _ in weighted]) < 0.25  # odds 0.25 : 1
+
+
+def test_sample_regions_draws_every_component_before_repeating():
+    comps = [("object", np.full((2, 2), i, bool)) for i in range(2)] + [("object", np.eye(2, dtype=bool))]
+    picked = sample_regions(comps, 3, np.random.default_rng(1))
+    assert len({id(m) for _, m in picked}) == 3
 
 
 def test_region_stream_is_deterministic_and_well_formed():
