@@ -95,10 +95,7 @@ class Scene:
             masks = [r.mask for r in self.regions if r.kind == "object" and r.category == category]
         else:
             masks = [self.regions[i].mask for i in self.target_regions]
-        out = np.zeros(self.image.shape[:2], bool)
-        for m in masks:
-            out |= m
-        return out
+        return _union(masks, self.image.shape[:2])
 
     def categories_present(self) -> List[str]:
         """Category names with at least one visible instance, in ``CATEGORY_NAMES`` order."""
@@ -132,6 +129,14 @@ class SceneConfig:
 
 
 # -- drawing primitives ---------------------------------------------------------------------------
+def _union(masks, shape) -> np.ndarray:
+    """Pixel-wise OR of bool masks (an all-False ``shape`` mask when there are none)."""
+    out = np.zeros(shape, bool)
+    for mask in masks:
+        out |= mask
+    return out
+
+
 def _hsv_to_rgb(h_deg: float, s: float, v: float) -> np.ndarray:
     r, g, b = colorsys.hsv_to_rgb((h_deg % 360) / 360.0, s, v)
     return np.array([r, g, b], np.float32) * 255.0
@@ -262,10 +267,7 @@ def _object_regions(objects: List[_Object]) -> List[Region]:
 
 
 def _finish(task: str, seed: int, canvas: np.ndarray, regions: List[Region], targets: List[int]) -> Scene:
-    covered = np.zeros(canvas.shape[:2], bool)
-    for r in regions:
-        covered |= r.mask
-    regions.append(Region("background", ~covered))
+    regions.append(Region("background", ~_union([r.mask for r in regions], canvas.shape[:2])))
     image = np.clip(canvas, 0, 255).astype(np.uint8)
     return Scene(task, seed, image, regions, targets)
 
@@ -317,10 +319,7 @@ def _shadow_scene(rng, cfg, seed) -> Scene:
     darkness = rng.uniform(*cfg.shadow_darkness)
     canvas = canvas * (1 - (1 - darkness) * soft[..., None])
     _paint_objects(rng, canvas, objects, cfg)
-    occupied = np.zeros((size, size), bool)
-    for obj in objects:
-        occupied |= obj.mask
-    shadow = (soft > 0.5) & ~occupied
+    shadow = (soft > 0.5) & ~_union([obj.mask for obj in objects], (size, size))
     regions = _object_regions(objects)
     regions.append(Region("shadow", shadow))
     return _finish("shadow", seed, canvas, regions, [len(regions) - 1])
@@ -354,9 +353,7 @@ def _glass_scene(rng, cfg, seed) -> Scene:
         canvas[edge] = canvas[edge] * 0.6 + 255 * 0.4
         panes.append(pane)
     regions = _object_regions(objects)
-    pane_union = np.zeros((size, size), bool)
-    for pane in panes:
-        pane_union |= pane
+    pane_union = _union(panes, (size, size))
     for pane in panes:
         regions.append(Region("pane", pane))
     # objects seen through a pane are not visible as themselves there
