@@ -37,7 +37,8 @@ def click_curves(
     """IoU after each click for every evaluated region, grouped by region kind.
 
     Returns:
-        ``{kind: (n_regions, clicks) float array}``.
+        ``{kind: (n_regions, clicks + 1) float array}``: IoU after clicks 1..K with the single-mask
+        output, then after click 1 with the multimask output SAM rates best (its own 1-click practice).
     """
     curves: Dict[str, List[np.ndarray]] = defaultdict(list)
     seeds = [(task, SPLIT_SEED_BASE[split] + i) for task in tasks for i in range(scenes_per_task)]
@@ -59,12 +60,19 @@ def click_curves(
 
 
 def _click_sequence(segmenter, embedded, owners: List[int], gts: List[np.ndarray], clicks: int) -> np.ndarray:
-    """Run the click protocol on regions ``gts`` of images ``owners``; IoU ``(N, clicks)``."""
+    """Run the click protocol on regions ``gts`` of images ``owners``; IoU ``(N, clicks + 1)``."""
     index = torch.tensor(owners)
     embeddings = embedded.embeddings[index]
     original_hw = embedded.original_hw[index]
     points: List[List[tuple]] = [[interior_point(gt) + (1,)] for gt in gts]
-    ious = np.zeros((len(gts), clicks))
+    ious = np.zeros((len(gts), clicks + 1))  # last column: first click, SAM's multimask pick
+    first_xy = original_to_sam_points(torch.tensor([[row[0][:2]] for row in points], dtype=torch.float32),
+                                      original_hw, segmenter.img_size)
+    multi, predicted = segmenter.decode(embeddings, first_xy, torch.ones(len(gts), 1, dtype=torch.long), multimask=True)
+    picked = multi[torch.arange(len(gts)), predicted.argmax(1)]  # (N, h, w) highest predicted IoU
+    for n, gt in enumerate(gts):
+        pred = (segmenter.logits_to_original(picked[n][None], embedded, owners[n])[0] > MASK_LOGIT_THRESHOLD).numpy()
+        ious[n, clicks] = _iou(pred, gt)
     for k in range(clicks):
         xy = torch.tensor([[p[:2] for p in row] for row in points], dtype=torch.float32)
         labels = torch.tensor([[p[2] for p in row] for row in points])
@@ -72,18 +80,23 @@ def _click_sequence(segmenter, embedded, owners: List[int], gts: List[np.ndarray
         for n, gt in enumerate(gts):
             logits = segmenter.logits_to_original(low_res[n], embedded, owners[n])[0]
             pred = (logits > MASK_LOGIT_THRESHOLD).numpy()
-            union = (pred | gt).sum()
-            ious[n, k] = (pred & gt).sum() / union if union else 1.0
+            ious[n, k] = _iou(pred, gt)
             nxt = oracle_next_click(pred, gt)
             points[n].append(nxt if nxt is not None else points[n][-1])
     return ious
 
 
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = (pred | gt).sum()
+    return float((pred & gt).sum() / union) if union else 1.0
+
+
 def summarise(curves: Dict[str, np.ndarray]) -> str:
     """Markdown table: rows = region kinds and all, columns = mean IoU after each click."""
-    clicks = next(iter(curves.values())).shape[1]
-    header = "| region | n | " + " | ".join(f"IoU@{k + 1}" for k in range(clicks)) + " |"
-    lines = [header, "|" + "---|" * (clicks + 2)]
+    clicks = next(iter(curves.values())).shape[1] - 1
+    header = ("| region | n | " + " | ".join(f"IoU@{k + 1}" for k in range(clicks))
+              + " | IoU@1 multimask (best predicted) |")
+    lines = [header, "|" + "---|" * (clicks + 3)]
     kinds = [k for k in REGION_KINDS if k in curves]
     for kind in kinds + ["all (mean over regions)", "all (mean over kinds)"]:
         if kind.startswith("all (mean over regions)"):

@@ -31,6 +31,23 @@ from alignsam.losses import dice_loss, focal_loss, mask_iou
 from alignsam.pretrain.regions import SceneRegionStream
 
 
+def init_positions_like_prompts(sam) -> None:
+    """Initialise ``image_encoder.pos_embed`` with the prompt encoder's dense positional encoding.
+
+    Trained from scratch, SAM's image features carry no position (the ViT's position embedding
+    starts at zero; the decoder adds positions to attention keys only), so a mask cannot at first
+    depend on where the click is, and training settles on one constant mask per image. Starting the
+    image's position embedding from the very encoding that embeds the clicks gives every pixel
+    feature a position comparable with the click's from step 0. Needs encoder width == prompt width.
+    """
+    pos = sam.image_encoder.pos_embed  # (1, g, g, C_enc)
+    with torch.no_grad():
+        dense = sam.prompt_encoder.get_dense_pe()[0].permute(1, 2, 0)  # (g, g, C_prompt)
+        if dense.shape != pos.shape[1:]:
+            raise ValueError(f"position_init needs encoder_dim == prompt_dim, got {tuple(pos.shape)} vs {tuple(dense.shape)}")
+        pos.copy_(dense[None])
+
+
 class TinySamPretraining(L.LightningModule):
     """Trains :func:`alignsam.foundation.tiny.build_tiny_sam` to segment whatever is clicked.
 
@@ -46,6 +63,8 @@ class TinySamPretraining(L.LightningModule):
         bf16: run the image encoder under CPU/GPU bf16 autocast (prompt encoder stays fp32).
         export_path, export_every: where and how often the shipped weights file is written.
         seed: seed of the click sampler.
+        position_init: start the image encoder's absolute position embedding from the prompt
+            encoder's positional encoding instead of zeros (see :func:`init_positions_like_prompts`).
         torch_threads: intra-op threads (0 keeps torch's default). On a shared 2-core machine 1 is
             several times faster than 2: OpenMP threads spin-wait when another process holds a core.
     """
@@ -70,6 +89,7 @@ class TinySamPretraining(L.LightningModule):
         export_every: int = 250,
         seed: int = 0,
         torch_threads: int = 0,
+        position_init: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +99,8 @@ class TinySamPretraining(L.LightningModule):
             encoder_dim=encoder_dim, encoder_depth=encoder_depth, encoder_heads=encoder_heads, prompt_dim=prompt_dim
         )
         self.sam = build_tiny_sam(self.arch)
+        if position_init:
+            init_positions_like_prompts(self.sam)
         self.click_generator = torch.Generator().manual_seed(seed)
         self._started = time.time()
 

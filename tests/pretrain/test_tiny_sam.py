@@ -76,8 +76,8 @@ def test_click_curves_shape_and_summary():
     curves = click_curves(build_segmenter("tiny"), scenes_per_task=1, clicks=2, tasks=("shadow",))
     assert set(curves) <= set(REGION_KINDS) and "shadow" in curves
     for rows in curves.values():
-        assert rows.shape[1] == 2 and ((rows >= 0) & (rows <= 1)).all()
-    assert "IoU@2" in summarise(curves)
+        assert rows.shape[1] == 3 and ((rows >= 0) & (rows <= 1)).all()
+    assert "IoU@2" in summarise(curves) and "multimask" in summarise(curves)
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="checkpoints/tiny_sam.pt not shipped yet")
