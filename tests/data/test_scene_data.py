@@ -86,3 +86,23 @@ def test_scene_datamodule_categories_is_episodic():
 def test_unknown_task_names_the_config_key():
     with pytest.raises(Exception, match="data.task"):
         SceneDataModule("smoke")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_scene_config_data_section_builds(task):
+    """conf/scenes/<task>.yaml parses as LightningCLI parses it and builds its data module."""
+    from pathlib import Path
+
+    import lightning as L
+    import yaml
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "scenes" / f"{task}.yaml").read_text())
+    config["data"]["init_args"].update(train_pool=20, train_size=4, val_size=2, test_size=2)
+    parser = LightningArgumentParser()
+    parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
+    dm = parser.instantiate_classes(parser.parse_object({"data": config["data"]})).data
+    assert isinstance(dm, SceneDataModule) and dm.hparams.task == task
+    batch = next(iter(dm.val_dataloader()))
+    for sample in batch:
+        check_sample(sample)
