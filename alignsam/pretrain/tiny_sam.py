@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from alignsam.clicks import random_clicks_in, random_error_clicks
 from alignsam.data.scenes import REGION_KINDS
 from alignsam.foundation.segmenter import prompt_and_decode
-from alignsam.foundation.tiny import TinySamArch, build_tiny_sam, save_tiny_sam
+from alignsam.foundation.tiny import TinySamArch, build_tiny_sam, build_tiny_segmenter, save_tiny_sam
 from alignsam.losses import dice_loss, focal_loss, mask_iou
 from alignsam.pretrain.regions import SceneRegionStream
 
@@ -65,6 +65,8 @@ class TinySamPretraining(L.LightningModule):
         seed: seed of the click sampler.
         position_init: start the image encoder's absolute position embedding from the prompt
             encoder's positional encoding instead of zeros (see :func:`init_positions_like_prompts`).
+        init_from: a ``tiny_sam.pt`` to continue from (its architecture must match); unlike
+            ``--ckpt_path`` (exact resume from a Lightning checkpoint) the optimizer starts afresh.
         torch_threads: intra-op threads (0 keeps torch's default). On a shared 2-core machine 1 is
             several times faster than 2: OpenMP threads spin-wait when another process holds a core.
     """
@@ -90,6 +92,7 @@ class TinySamPretraining(L.LightningModule):
         seed: int = 0,
         torch_threads: int = 0,
         position_init: bool = True,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +104,8 @@ class TinySamPretraining(L.LightningModule):
         self.sam = build_tiny_sam(self.arch)
         if position_init:
             init_positions_like_prompts(self.sam)
+        if init_from:  # warm start from a shipped weights file (optimizer state starts afresh)
+            self.sam.load_state_dict(build_tiny_segmenter(init_from).sam.state_dict())
         self.click_generator = torch.Generator().manual_seed(seed)
         self._started = time.time()
 

@@ -89,3 +89,15 @@ def test_shipped_tiny_sam_reaches_90_percent_of_its_quality():
     print(f"shipped tiny SAM on {len(rows)} held-out regions: IoU@1 {first:.3f}, IoU@6 {sixth:.3f}")
     assert first >= 0.9 * TARGET_IOU_FIRST_CLICK
     assert sixth >= 0.9 * TARGET_IOU_SIXTH_CLICK
+
+
+def test_init_from_a_weights_file_warm_starts(tmp_path):
+    from alignsam.foundation.tiny import save_tiny_sam
+
+    small = dict(encoder_dim=32, encoder_depth=1, encoder_heads=2, prompt_dim=32, bf16=False)
+    first = TinySamPretraining(**small)
+    path = tmp_path / "tiny.pt"
+    save_tiny_sam(first.sam, first.arch, str(path))
+    second = TinySamPretraining(**small, init_from=str(path), seed=1)
+    for key, value in first.sam.state_dict().items():
+        torch.testing.assert_close(second.sam.state_dict()[key], value.half().float() if value.is_floating_point() else value)
