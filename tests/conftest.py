@@ -14,3 +14,13 @@ def _torch_threads():
     """
     torch.set_num_threads(int(os.environ.get("ALIGNSAM_TEST_THREADS", "1")))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped, not failed, on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

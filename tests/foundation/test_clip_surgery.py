@@ -235,7 +235,6 @@ def test_frozen_inside_a_holder_follows_dtype_and_stays_out_of_its_state_dict(im
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_matcher_on_the_gpu_matches_the_cpu(images):
     cpu = build_text_matcher("tiny", None)
     expected = cpu.similarity(images, ["tomato", "leaf", "sun"], (10, 10))

@@ -136,7 +136,6 @@ def test_frozen_model_moves_and_casts_with_its_holder():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_frozen_model_follows_lightning_to_the_gpu(tmp_path):
     model = ClickHead()
     trainer = L.Trainer(max_steps=1, accelerator="gpu", devices=1, logger=False, default_root_dir=str(tmp_path),
