@@ -203,6 +203,15 @@ def _random_colour(rng: np.random.Generator, saturated: bool = True) -> Tuple[st
     return name, _hsv_to_rgb(rng.uniform(lo, hi), s, rng.uniform(0.65, 1.0))
 
 
+def _off_centre(rng: np.random.Generator, low: float = 0.2, high: float = 0.8, keep_out: float = 0.15) -> np.ndarray:
+    """A target centre ``(x, y)`` as a fraction of the side, at least ``keep_out`` from the image
+    centre, so that a click at the centre does not find the target by construction."""
+    while True:
+        xy = rng.uniform(low, high, 2)
+        if np.hypot(*(xy - 0.5)) >= keep_out:
+            return xy
+
+
 def _colour_name(hue_deg: float) -> str:
     """The colour name whose hue range is nearest to ``hue_deg``."""
     def distance(name: str) -> float:
@@ -335,7 +344,7 @@ def _glass_scene(rng, cfg, seed) -> Scene:
     panes = []
     for _ in range(int(rng.integers(cfg.pane_count[0], cfg.pane_count[1] + 1))):
         w, h = rng.uniform(0.22, 0.5, 2) * size
-        cx, cy = rng.uniform(0.25, 0.75, 2) * size
+        cx, cy = _off_centre(rng) * size
         box = cv2.boxPoints(((float(cx), float(cy)), (float(w), float(h)), float(rng.uniform(-30, 30))))
         pane = np.zeros((size, size), np.uint8)
         cv2.fillPoly(pane, [np.round(box).astype(np.int32)], 1)
@@ -379,7 +388,7 @@ def _saliency_scene(rng, cfg, seed) -> Scene:
     objects = _place_objects(rng, cfg, count - 1, specs)
     salient_hue = hue + 180 + rng.uniform(-40, 40)
     shape = SHAPES[rng.integers(len(SHAPES))]
-    mask = _shape_mask(size, shape, *rng.uniform(0.3, 0.7, 2) * size, rng.uniform(0.12, 0.2) * size,
+    mask = _shape_mask(size, shape, *_off_centre(rng) * size, rng.uniform(0.12, 0.2) * size,
                        rng.uniform(0, 2 * np.pi), 0.6)
     rgb = _hsv_to_rgb(salient_hue, rng.uniform(0.8, 1.0), rng.uniform(0.85, 1.0))
     objects.append(_Object(shape, _colour_name(salient_hue), rgb, mask))

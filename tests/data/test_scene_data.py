@@ -106,3 +106,10 @@ def test_scene_config_data_section_builds(task):
     batch = next(iter(dm.val_dataloader()))
     for sample in batch:
         check_sample(sample)
+
+
+@pytest.mark.parametrize("task", ["saliency", "glass"])
+def test_targets_are_placed_off_centre(task):
+    """A click at the image centre must not find the target by construction."""
+    hits = [render_scene(task, seed).target()[128, 128] for seed in range(30)]
+    assert np.mean(hits) < 0.3
