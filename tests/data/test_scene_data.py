@@ -108,8 +108,9 @@ def test_scene_config_data_section_builds(task):
         check_sample(sample)
 
 
-@pytest.mark.parametrize("task", ["saliency", "glass"])
-def test_targets_are_placed_off_centre(task):
-    """A click at the image centre must not find the target by construction."""
+@pytest.mark.parametrize("task, most", [("saliency", 0.1), ("glass", 0.4)])
+def test_targets_are_placed_off_centre(task, most):
+    """A click at the image centre must not find the target by construction (centred placement
+    gave 0.30 for saliency and 0.73 for glass; large panes still cover the centre sometimes)."""
     hits = [render_scene(task, seed).target()[128, 128] for seed in range(30)]
-    assert np.mean(hits) < 0.3
+    assert np.mean(hits) <= most
