@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from alignsam.data.scenes import TASKS
 from alignsam.foundation.clip_surgery import surgery_image_features
 from alignsam.foundation.tiny_clip import TINY_TEMPLATES, WordTokenizer, build_tiny_clip, save_tiny_clip, tiny_clip_config
+from alignsam.pretrain.schedule import warmup_cosine
 from alignsam.pretrain.scene_captions import DENSE_TEXTS, SceneCaptionStream, task_text_mask
 
 PATCH_LABELS = ("majority", "centre", "soft")
@@ -296,17 +297,8 @@ class TinyClipPretraining(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.lr,
         )
-        total = max(self.trainer.max_steps, 1)
-        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, h.warmup_steps, self.trainer.max_steps, h.min_lr_ratio)}
 
 
 def invocation() -> str:

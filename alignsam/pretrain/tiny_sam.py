@@ -29,6 +29,7 @@ from alignsam.foundation.segmenter import prompt_and_decode
 from alignsam.foundation.tiny import TinySamArch, build_tiny_sam, build_tiny_segmenter, save_tiny_sam
 from alignsam.losses import dice_loss, focal_loss, mask_iou
 from alignsam.pretrain.regions import SceneRegionStream
+from alignsam.pretrain.schedule import warmup_cosine
 
 
 def init_positions_like_prompts(sam) -> None:
@@ -212,17 +213,7 @@ class TinySamPretraining(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.sam.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(self.trainer.max_steps, 1)
-        warm = self.hparams.warmup_steps
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_cosine(opt, self.hparams.warmup_steps, self.trainer.max_steps)}
 
 
 class SceneRegionData(L.LightningDataModule):
