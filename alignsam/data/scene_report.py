@@ -21,6 +21,7 @@ from alignsam.clicks import interior_point
 from alignsam.data.scenes import SPLIT_SEED_BASE, TASKS, render_scene
 from alignsam.foundation.segmenter import Segmenter, build_segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points
+from alignsam.losses import mask_iou
 
 OVERLAY_RGB = np.array([255, 40, 200], np.float32)
 
@@ -80,8 +81,7 @@ def one_click_ious(segmenter: Segmenter, task: str, count: int, seed: int = 0) -
             low_res, _ = segmenter.decode(embedded.embeddings, points, torch.ones(len(chunk), 1, dtype=torch.long))
             for i, (_, target, _) in enumerate(chunk):
                 pred = (segmenter.logits_to_original(low_res[i], embedded, i)[0] > MASK_LOGIT_THRESHOLD).numpy()
-                union = (pred | target).sum()
-                results[name].append(float((pred & target).sum() / union) if union else 1.0)
+                results[name].append(float(mask_iou(torch.from_numpy(pred), torch.from_numpy(target))))
     return {name: float(np.mean(values)) for name, values in results.items()}
 
 

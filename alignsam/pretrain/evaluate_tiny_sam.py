@@ -20,6 +20,7 @@ from alignsam.clicks import interior_point, oracle_next_click
 from alignsam.data.scenes import REGION_KINDS, SPLIT_SEED_BASE, TASKS, render_scene
 from alignsam.foundation.segmenter import Segmenter, build_segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points
+from alignsam.losses import mask_iou
 from alignsam.pretrain.regions import region_components
 
 
@@ -87,8 +88,8 @@ def _click_sequence(segmenter, embedded, owners: List[int], gts: List[np.ndarray
 
 
 def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    union = (pred | gt).sum()
-    return float((pred & gt).sum() / union) if union else 1.0
+    """IoU of two bool ``(H, W)`` arrays (empty union counts as 1, as in :func:`mask_iou`)."""
+    return float(mask_iou(torch.from_numpy(pred), torch.from_numpy(gt)))
 
 
 def summarise(curves: Dict[str, np.ndarray]) -> str:
