@@ -77,3 +77,26 @@ def random_error_clicks(
     x, y = points[:, 0].long(), points[:, 1].long()
     labels = gt[torch.arange(gt.shape[0]), y, x].long()
     return points, labels
+
+
+def largest_error_clicks(pred: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`oracle_next_click` for a batch: the interior of each sample's largest error region.
+
+    Args:
+        pred, gt: bool ``(N, H, W)``.
+    Returns:
+        points ``(N, 2)`` float ``(x, y)`` and labels ``(N,)`` long; where there is no error the
+        click is a positive one at the interior point of ``gt`` (or the centre if ``gt`` is empty).
+    """
+    n, h, w = gt.shape
+    points = torch.empty(n, 2)
+    labels = torch.ones(n, dtype=torch.long)
+    pred_np, gt_np = pred.cpu().numpy(), gt.cpu().numpy()
+    for i in range(n):
+        click = oracle_next_click(pred_np[i], gt_np[i])
+        if click is None:
+            inside = interior_point(gt_np[i])
+            click = (inside if inside is not None else ((w - 1) / 2, (h - 1) / 2)) + (1,)
+        points[i] = torch.tensor(click[:2])
+        labels[i] = click[2]
+    return points, labels

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from alignsam.clicks import random_clicks_in, random_error_clicks
+from alignsam.clicks import largest_error_clicks, random_clicks_in, random_error_clicks
 from alignsam.data.scenes import REGION_KINDS
 from alignsam.foundation.segmenter import prompt_and_decode
 from alignsam.foundation.tiny import TinySamArch, build_tiny_sam, build_tiny_segmenter, save_tiny_sam
@@ -57,6 +57,9 @@ class TinySamPretraining(L.LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay over
             ``trainer.max_steps``.
         corrective_rounds: clicks after the first one, per region and step.
+        largest_error_share: share of corrective clicks placed like the standard click simulator
+            (interior of the largest error region) instead of SAM's uniform draw in the error region;
+            the evaluation and the oracle baselines click the former way.
         mask_input_prob: probability that a corrective round feeds the previous logits back.
         focal_weight, dice_weight, iou_weight: loss weights (SAM: 20 : 1 : 1).
         focal_alpha: focal loss weight of foreground pixels (0.25 favours "predict nothing" for
@@ -82,6 +85,7 @@ class TinySamPretraining(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 200,
         corrective_rounds: int = 3,
+        largest_error_share: float = 0.0,
         mask_input_prob: float = 0.5,
         focal_weight: float = 20.0,
         dice_weight: float = 1.0,
@@ -147,14 +151,20 @@ class TinySamPretraining(L.LightningModule):
         return loss, low_res[rows, keep][:, None].detach(), actual_iou[rows, keep], iou_loss.detach()
 
     def _corrective_clicks(self, low_res: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Clicks uniform in the low-res error region, jittered inside the cell, labelled at full res.
+        """Clicks in the low-res error region, jittered inside the cell, labelled at full res.
 
+        Each click is uniform in the error region (SAM's sampler) or, for a random
+        ``largest_error_share`` of them, at the interior of the largest error region.
         low_res ``(N, 1, h', w')``, gt bool ``(N, S, S)`` -> points ``(N, 2)`` (SAM frame), labels ``(N,)``.
         """
         cell = gt.shape[-1] // low_res.shape[-1]
-        gt_low = F.avg_pool2d(gt[:, None].float(), cell)[:, 0] > 0.5
-        pred_low = low_res[:, 0] > 0
-        points, _ = random_error_clicks(pred_low.cpu(), gt_low.cpu(), self.click_generator)
+        gt_low = (F.avg_pool2d(gt[:, None].float(), cell)[:, 0] > 0.5).cpu()
+        pred_low = (low_res[:, 0] > 0).cpu()
+        points, _ = random_error_clicks(pred_low, gt_low, self.click_generator)
+        if self.hparams.largest_error_share > 0:
+            chosen = torch.rand(len(points), generator=self.click_generator) < self.hparams.largest_error_share
+            if chosen.any():
+                points[chosen] = largest_error_clicks(pred_low[chosen], gt_low[chosen])[0]
         jitter = torch.rand(points.shape, generator=self.click_generator) * cell
         points = (points * cell + jitter).clamp(max=gt.shape[-1] - 1).to(gt.device)
         x, y = points[:, 0].long(), points[:, 1].long()

@@ -101,3 +101,18 @@ def test_init_from_a_weights_file_warm_starts(tmp_path):
     second = TinySamPretraining(**small, init_from=str(path), seed=1)
     for key, value in first.sam.state_dict().items():
         torch.testing.assert_close(second.sam.state_dict()[key], value.half().float() if value.is_floating_point() else value)
+
+
+def test_corrective_clicks_follow_the_configured_sampler():
+    small = dict(encoder_dim=32, encoder_depth=1, encoder_heads=2, prompt_dim=32, bf16=False)
+    gt = torch.zeros(2, 64, 64, dtype=torch.bool)
+    gt[:, 8:56, 8:56] = True  # a 48-px square; the low-res frame is 16 x 16 (cell 4)
+    low_res = torch.full((2, 1, 16, 16), -1.0)
+    low_res[:, :, 2:14, 2:8] = 1.0  # the left part found: the miss is the right part, cols 8..13 of the low-res frame
+    oracle = TinySamPretraining(**small, largest_error_share=1.0)
+    points, labels = oracle._corrective_clicks(low_res, gt)
+    assert (labels == 1).all()
+    assert ((points[:, 0] // 4 - 10.5).abs() <= 0.5).all()  # interior of the missed block, in columns
+    uniform = TinySamPretraining(**small, largest_error_share=0.0, seed=3)
+    columns = uniform._corrective_clicks(low_res[:1].expand(64, -1, -1, -1), gt[:1].expand(64, -1, -1))[0][:, 0] // 4
+    assert columns.min() <= 9 and columns.max() >= 12  # spread over the whole miss
