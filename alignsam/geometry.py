@@ -169,3 +169,91 @@ def whole_image_maps_to_sam_grid(
         placed[..., :in_h, :in_w] = resize_whole_image_maps(maps[b : b + 1], (in_h, in_w))
         out.append(resize_whole_image_maps(placed, grid_hw))
     return torch.cat(out)
+
+
+def _interval_overlaps(starts: torch.Tensor, ends: torch.Tensor, cells: int, cell: float) -> torch.Tensor:
+    """Overlap lengths of intervals ``[starts, ends)`` ``(B, G)`` with ``cells`` cells of size ``cell``
+    tiling ``[0, cells * cell)`` -> ``(B, G, cells)``."""
+    lo = torch.arange(cells, dtype=torch.float32, device=starts.device) * cell
+    left = torch.maximum(starts[..., None], lo)
+    right = torch.minimum(ends[..., None], lo + cell)
+    return (right - left).clamp(min=0)
+
+
+def patch_pool_matrix(grid: int, input_hw: torch.Tensor, img_size: int, grid_hw: Sequence[int]) -> torch.Tensor:
+    """Area weights of every action patch over the cells of a grid of SAM's padded square.
+
+    Action patches tile the image region ``[0, w_in) x [0, h_in)`` of SAM's input frame (the
+    original image after the longest-side resize); the grid (e.g. the embedding grid) tiles the
+    whole padded square. ``pool @ cell_values`` averages per-cell values over each patch.
+
+    Args:
+        grid: G.
+        input_hw: ``(B, 2)`` each image's ``(h_in, w_in)`` after the longest-side resize.
+        img_size: SAM's square input side.
+        grid_hw: ``(h, w)`` of the cell grid.
+    Returns:
+        ``(B, G*G, h*w)`` float; each row sums to 1, cells outside the image region weigh 0.
+    """
+    h, w = (int(v) for v in grid_hw)
+    size = input_hw.to(torch.float32)
+    steps = torch.arange(grid + 1, dtype=torch.float32, device=input_hw.device) / grid  # (G+1,)
+    edges_y, edges_x = size[:, :1] * steps, size[:, 1:] * steps  # (B, G+1)
+    over_y = _interval_overlaps(edges_y[:, :-1], edges_y[:, 1:], h, img_size / h)  # (B, G, h)
+    over_x = _interval_overlaps(edges_x[:, :-1], edges_x[:, 1:], w, img_size / w)  # (B, G, w)
+    weights = over_y[:, :, None, :, None] * over_x[:, None, :, None, :]  # (B, G, G, h, w)
+    weights = weights.reshape(len(input_hw), grid * grid, h * w)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def image_region_on_grid(input_hw: torch.Tensor, img_size: int, grid_hw: Sequence[int]) -> torch.Tensor:
+    """Fraction of each cell of a padded-square grid that lies inside the image: ``(B, 1, h, w)``."""
+    h, w = (int(v) for v in grid_hw)
+    size = input_hw.to(torch.float32)
+    zeros = torch.zeros_like(size[:, :1])
+    in_y = _interval_overlaps(zeros, size[:, :1], h, img_size / h)[:, 0] / (img_size / h)  # (B, h)
+    in_x = _interval_overlaps(zeros, size[:, 1:], w, img_size / w)[:, 0] / (img_size / w)  # (B, w)
+    return (in_y[:, :, None] * in_x[:, None, :])[:, None]
+
+
+def grid_cell_centres(grid_hw: Sequence[int], img_size: int, device=None) -> torch.Tensor:
+    """Centres of the cells of a padded-square grid in SAM's input frame: ``(h*w, 2)`` ``(x, y)``, row-major."""
+    h, w = (int(v) for v in grid_hw)
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * (img_size / h)
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * (img_size / w)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], dim=-1)
+
+
+def sample_at_sam_points(maps: torch.Tensor, points: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Bilinear values of padded-square maps at SAM input-frame points.
+
+    A point ``(x, y)`` is the pixel SAM's prompt encoder reads as ``(x + 0.5, y + 0.5)``.
+
+    Args:
+        maps: ``(B, 1, h, w)`` over SAM's padded square (e.g. SRM probabilities on the embedding grid).
+        points: ``(B, N, 2)`` float ``(x, y)`` in SAM's input frame.
+    Returns:
+        ``(B, N)``.
+    """
+    normalised = (points.to(maps.dtype) + 0.5) / img_size * 2 - 1
+    sampled = F.grid_sample(maps, normalised[:, :, None, :], mode="bilinear", align_corners=False, padding_mode="border")
+    return sampled[:, 0, :, 0]
+
+
+def original_masks_to_sam_grid(
+    masks: Sequence[torch.Tensor], input_hw: torch.Tensor, img_size: int, grid_hw: Sequence[int]
+) -> torch.Tensor:
+    """Foreground fraction of original-frame masks on a grid of SAM's padded square.
+
+    Args:
+        masks: B bool or float ``(H_b, W_b)`` masks in each image's original frame.
+        input_hw: ``(B, 2)``; img_size, grid_hw as in :func:`whole_image_maps_to_sam_grid`.
+    Returns:
+        ``(B, 1, h, w)`` float in [0, 1] (0 in the padding).
+    """
+    placed = [
+        whole_image_maps_to_sam_grid(m.float()[None, None], input_hw[b : b + 1], img_size, grid_hw)
+        for b, m in enumerate(masks)
+    ]
+    return torch.cat(placed)
