@@ -1,0 +1,306 @@
+"""The PPO core: masked categorical policy, GAE and the clipped losses, as pure functions over tensors.
+
+Nothing here knows about the environment, the networks or Lightning. One PPO iteration, as
+``alignsam/module.py`` runs it, reads from top to bottom:
+
+1. Roll out B episodes for T steps under ``no_grad``; each step stores the state, the action mask
+   ``valid (B, A)``, the action from ``sample_actions``, its log-prob, the value and the reward.
+2. ``advantages, returns = gae(rewards, values, bootstrap_value, gamma, gae_lambda)`` once per rollout.
+3. Flatten the T*B transitions; for each of ``epochs`` epochs, for each index tensor of
+   ``minibatches(T*B, minibatch_size, generator)``:
+     - re-evaluate the policy: ``new_log_probs = action_log_probs(logits, valid, actions)``,
+       ``entropy = masked_entropy(logits, valid)``, ``new_values``;
+     - ``normalize`` the minibatch advantages (if ``normalize_advantages``);
+     - ``loss = policy_loss + value_coef * value_loss - entropy_coef * entropy.mean()``;
+     - backward, clip the global grad norm to ``max_grad_norm``, Adam step.
+4. Log approx-KL, clip fraction, entropy, ``explained_variance(values, returns)``.
+
+Invalid actions (patches already clicked) are removed from the distribution by ``masked_log_softmax``:
+their log-probability is a large negative *finite* constant, so they have probability exactly 0,
+are never sampled, contribute exactly 0 to the entropy, and no NaN or inf appears in any value or
+gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Log-probability given to invalid actions (clamped to the dtype's range, e.g. for float16).
+# exp() of it is exactly 0, yet it is finite, so sums and products with it stay NaN-free.
+INVALID_LOG_PROB = -1e8
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of the PPO update (defaults from docs/method.md, i.e. the paper where it says).
+
+    Attributes:
+        gamma: discount factor of the rewards (0.99).
+        gae_lambda: GAE's lambda; 1 gives Monte-Carlo advantages, 0 one-step TD errors (0.95).
+        epochs: K, the number of passes over one rollout's T*B transitions (paper: 20).
+        minibatch_size: transitions per minibatch; the rollout's T*B transitions are shuffled and
+            split into chunks of this size each epoch (the last chunk may be smaller) (64).
+        clip: epsilon of the clipped surrogate, ratios outside [1 - clip, 1 + clip] get no gradient
+            (0.2). Also the clip range of the value loss when ``clip_value_loss`` is on.
+        value_coef: weight of the value loss in the total loss (0.5).
+        entropy_coef: weight of the entropy bonus, subtracted from the total loss (0.01).
+        max_grad_norm: global gradient-norm clip over all trainable parameters (0.5).
+        lr: Adam learning rate (1e-4).
+        adam_eps: Adam's epsilon (1e-5, larger than torch's default 1e-8, as common in PPO).
+        normalize_advantages: normalise advantages to mean 0, std 1 within each minibatch (True).
+        clip_value_loss: also clip the value prediction to ``old_value +- clip`` and take the larger
+            of the clipped and unclipped squared errors (off by default).
+    """
+
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    epochs: int = 20
+    minibatch_size: int = 64
+    clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    max_grad_norm: float = 0.5
+    lr: float = 1e-4
+    adam_eps: float = 1e-5
+    normalize_advantages: bool = True
+    clip_value_loss: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if self.epochs < 1 or self.minibatch_size < 1:
+            raise ValueError(f"epochs and minibatch_size must be >= 1, got {self.epochs}, {self.minibatch_size}")
+        if self.clip <= 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked categorical policy
+# ----------------------------------------------------------------------------------------------
+
+def _check_some_valid(valid: torch.Tensor) -> None:
+    """Raise if a row of ``valid (N, A)`` has no valid action (the distribution would be empty)."""
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+    empty = ~valid.any(dim=-1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no valid action")
+
+
+def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of a categorical restricted to the valid actions.
+
+    Args:
+        logits: ``(N, A)`` float, raw action scores.
+        valid: ``(N, A)`` bool, False = the action may not be taken.
+    Returns:
+        ``(N, A)``: for valid actions ``logits - logsumexp(logits over valid actions)`` (so their
+        ``exp`` sums to 1 per row); for invalid actions ``INVALID_LOG_PROB``, a constant that carries
+        no gradient back to the logits.
+    Raises:
+        ValueError: if a row has no valid action.
+    """
+    _check_some_valid(valid)
+    # -inf only inside logsumexp: its gradient there is softmax = exp(-inf - lse) = 0, never NaN.
+    normalizer = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
+    fill = max(INVALID_LOG_PROB, torch.finfo(logits.dtype).min)
+    return torch.where(valid, logits - normalizer, torch.full_like(logits, fill))
+
+
+def masked_entropy(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the masked categorical. ``logits, valid: (N, A)`` -> ``(N,)``.
+
+    Invalid actions contribute exactly 0; a uniform distribution over k valid actions gives log(k).
+    """
+    log_probs = masked_log_softmax(logits, valid)
+    p_log_p = torch.where(valid, log_probs.exp() * log_probs, torch.zeros_like(log_probs))
+    return -p_log_p.sum(dim=-1)
+
+
+def action_log_probs(logits: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Log-probability of the given actions under the masked categorical.
+
+    Args:
+        logits: ``(N, A)`` float.
+        valid: ``(N, A)`` bool.
+        actions: ``(N,)`` long, indices in ``[0, A)``; each must be valid in its row.
+    Returns:
+        ``(N,)`` float (differentiable w.r.t. ``logits``).
+    Raises:
+        ValueError: if an action is invalid in its row (its ratio in the PPO loss would explode).
+    """
+    index = actions.long().unsqueeze(-1)
+    if not valid.gather(-1, index).all():
+        raise ValueError("an action is marked invalid in its own row")
+    return masked_log_softmax(logits, valid).gather(-1, index).squeeze(-1)
+
+
+def sample_actions(
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one action per row from the masked categorical (or its mode when ``greedy``).
+
+    Args:
+        logits: ``(N, A)`` float.
+        valid: ``(N, A)`` bool; an invalid action is never returned.
+        generator: random generator on ``logits``' device, for reproducible draws (ignored if greedy).
+        greedy: take the argmax over valid actions instead of sampling (ties: lowest index).
+    Returns:
+        actions ``(N,)`` long and their log-probabilities ``(N,)`` float.
+    Raises:
+        ValueError: if a row has no valid action.
+    """
+    log_probs = masked_log_softmax(logits, valid)
+    if greedy:
+        # argmax over the raw logits with invalid ones at -inf: exact even if logits are extreme.
+        actions = logits.detach().masked_fill(~valid, float("-inf")).argmax(dim=-1)
+    else:
+        # Invalid actions have probability exactly 0, which multinomial never draws.
+        probs = log_probs.detach().exp()
+        actions = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return actions, log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages
+# ----------------------------------------------------------------------------------------------
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    bootstrap_value: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation over one rollout of B episodes of T steps.
+
+    Every episode ends by truncation after exactly T steps (no terminal states), so the last step
+    bootstraps from the value of the state after it instead of from 0:
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   with V(s_T) = ``bootstrap_value``
+        A_t     = delta_t + gamma * lam * A_{t+1},     with A_T = 0
+
+    Args:
+        rewards: ``(T, B)`` reward received after the action at step t.
+        values: ``(T, B)`` V(s_t) from the rollout.
+        bootstrap_value: ``(B,)`` V(s_T), the value of the state after the last action.
+        gamma: discount factor.
+        lam: GAE lambda.
+    Returns:
+        advantages ``(T, B)`` and returns ``(T, B)`` = advantages + values (the value targets).
+    """
+    if rewards.shape != values.shape or rewards.dim() != 2 or bootstrap_value.shape != rewards.shape[1:]:
+        raise ValueError(
+            f"expected rewards, values (T, B) and bootstrap_value (B,), got "
+            f"{tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(bootstrap_value.shape)}"
+        )
+    num_steps = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    next_value = bootstrap_value
+    next_advantage = torch.zeros_like(bootstrap_value)
+    for t in reversed(range(num_steps)):
+        delta = rewards[t] + gamma * next_value - values[t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[t] = next_advantage
+        next_value = values[t]
+    return advantages, advantages + values
+
+
+def normalize(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(advantages - mean) / (std + eps)`` over all elements, any shape -> same shape.
+
+    Uses the population std (no Bessel correction) so that a minibatch of one element gives 0,
+    not NaN.
+    """
+    return (advantages - advantages.mean()) / (advantages.std(correction=0) + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+def clipped_policy_loss(
+    new_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, as a loss to minimise.
+
+    ratio = exp(new - old); loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))),
+    i.e. the pessimistic of the unclipped and clipped objectives.
+
+    Args:
+        new_log_probs: ``(N,)`` log pi_new(a|s), with gradient.
+        old_log_probs: ``(N,)`` log pi_old(a|s) from the rollout.
+        advantages: ``(N,)`` (already normalised if wanted).
+        clip: epsilon.
+    Returns:
+        the scalar loss, and detached 0-dim statistics:
+        ``approx_kl`` = mean((ratio - 1) - log ratio) (an unbiased, non-negative estimate of
+        KL(old || new)), and ``clip_fraction`` = fraction of transitions with |ratio - 1| > clip.
+    """
+    log_ratio = new_log_probs - old_log_probs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = torch.max(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+            "clip_fraction": ((ratio - 1.0).abs() > clip).float().mean(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    old_values: torch.Tensor | None = None,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Value loss ``0.5 * mean((values - returns)^2)``. All tensors ``(N,)``; returns a scalar.
+
+    With ``old_values`` and ``clip`` (``PPOConfig.clip_value_loss``): the prediction is also clipped
+    to ``old_values +- clip`` and the larger of the two squared errors is taken per transition.
+    """
+    if (old_values is None) != (clip is None):
+        raise ValueError("value clipping needs both old_values and clip (or neither)")
+    squared_error = (values - returns) ** 2
+    if old_values is not None:
+        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        squared_error = torch.max(squared_error, (clipped_values - returns) ** 2)
+    return 0.5 * squared_error.mean()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over all elements (any equal shapes).
+
+    1 = perfect value predictions, 0 = no better than predicting the mean return, < 0 = worse.
+    Returns ``nan`` when Var[returns] == 0 (the statistic is undefined then).
+    """
+    returns = returns.detach().flatten().double()
+    values = values.detach().flatten().double()
+    var_returns = returns.var(correction=0).item()
+    if var_returns == 0.0:
+        return math.nan
+    return 1.0 - (returns - values).var(correction=0).item() / var_returns
+
+
+# ----------------------------------------------------------------------------------------------
+# Minibatches
+# ----------------------------------------------------------------------------------------------
+
+def minibatches(n: int, minibatch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Shuffle ``range(n)`` and split it into index tensors of ``minibatch_size`` (the last may be
+    smaller); every index appears exactly once. Indices are long tensors on the generator's device.
+    """
+    if n < 1 or minibatch_size < 1:
+        raise ValueError(f"n and minibatch_size must be >= 1, got {n}, {minibatch_size}")
+    device = generator.device if generator is not None else None
+    return list(torch.randperm(n, generator=generator, device=device).split(minibatch_size))
