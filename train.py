@@ -1,14 +1,18 @@
-"""Train an AlignSAM agent: ``python train.py --config conf/<task>.yaml`` (LightningCLI).
+"""Train an AlignSAM agent (PPO policy + SRM over a frozen SAM).
 
-Not built yet (issue "AlignSAM training"): this will be a LightningCLI over the AlignSAM
-LightningModule (PPO agent + SRM over the multi-step SAM prompting environment) and the task's
-DataModule, with OmegaConf interpolation, dotted overrides (``--model.env.steps=5``),
-``--print_config``, seeding, resume with ``--ckpt_path`` and TensorBoard logging.
-What exists today: the data modules (``alignsam/data``), the frozen models (``alignsam/foundation``),
-the metrics (``alignsam/metrics``) and the bundled world (``alignsam/data/scenes.py``,
-``checkpoints/``).
+    python train.py fit --config conf/scenes/shadow.yaml
+    python train.py fit --config conf/voc.yaml --trainer.max_epochs=3 --model.env.steps=5
+    python train.py fit --config conf/demo.yaml --ckpt_path logs/demo/version_0/checkpoints/last.ckpt
+    python train.py fit --config conf/demo.yaml --print_config
+
+The subcommand (``fit``) may be left out. See README "Training".
 """
 import sys
 
+from alignsam.cli import main
+
 if __name__ == "__main__":
-    sys.exit(__doc__ + "\ntrain.py is not implemented yet.")
+    args = sys.argv[1:]
+    if not args or args[0] not in ("fit", "validate", "test", "-h", "--help"):
+        args = ["fit"] + args
+    main(args)

@@ -257,3 +257,11 @@ def original_masks_to_sam_grid(
         for b, m in enumerate(masks)
     ]
     return torch.cat(placed)
+
+
+def sam_to_original_points(points_xy: torch.Tensor, original_hw: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Inverse of :func:`original_to_sam_points`: ``(B, N, 2)`` SAM input frame -> original frame."""
+    original_hw = original_hw.to(points_xy.device, torch.float32)
+    scale = img_size / original_hw.max(dim=1).values
+    new_hw = torch.floor(original_hw * scale[:, None] + 0.5)
+    return points_xy * (original_hw / new_hw).flip(-1)[:, None, :]

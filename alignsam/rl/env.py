@@ -55,7 +55,8 @@ class EnvConfig:
             - IoU(M_{t-1})) or ``target+iou`` (their sum).
         feed_mask_input: feed SAM's previous low-res logits back as ``mask_input``.
         greedy_eval: argmax actions in validation and test (else sampled).
-        srm_threshold: a click is positive when the SRM probability at it is >= this.
+
+    The SRM's labelling threshold is ``model.srm.threshold`` (:class:`alignsam.srm.SRMConfig`).
     """
 
     steps: int = 15
@@ -66,7 +67,6 @@ class EnvConfig:
     reward: str = "target"
     feed_mask_input: bool = False
     greedy_eval: bool = True
-    srm_threshold: float = PROB_THRESHOLD
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("init_prompts", self.init_prompts, INIT_PROMPTS),
@@ -204,9 +204,11 @@ class PromptingEnv:
         iou_history list of ``(B,)`` (IoU after P_0 and after each step; empty without ground truth).
     """
 
-    def __init__(self, segmenter: Segmenter, config: EnvConfig) -> None:
+    def __init__(self, segmenter: Segmenter, config: EnvConfig, srm_threshold: float = PROB_THRESHOLD) -> None:
+        """``srm_threshold``: a click is positive when the SRM probability at it is >= this."""
         self.segmenter = segmenter
         self.config = config
+        self.srm_threshold = srm_threshold
 
     # -- state ---------------------------------------------------------------------------------------
     @staticmethod
@@ -282,7 +284,7 @@ class PromptingEnv:
             raise ValueError("the SRM's probabilities are needed to label clicks")
         points = self.episodes.action_points[rows, actions][:, None]  # (B, 1, 2)
         prob = sample_at_sam_points(srm_probs.float(), points, self.segmenter.img_size)[:, 0]
-        return (prob >= self.config.srm_threshold).long()
+        return (prob >= self.srm_threshold).long()
 
     def step(self, actions: torch.Tensor, srm_probs: Optional[torch.Tensor] = None) -> StepResult:
         """Click patch ``actions`` ``(B,)`` in every episode; one batched SAM decode.
