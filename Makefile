@@ -21,6 +21,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+demo: $(STAMP)
+	$(PY) train.py --config conf/demo.yaml
+
 benchmark: $(STAMP)
 	$(PY) benchmarks/decode.py
 

@@ -13,10 +13,11 @@ import logging
 from typing import Dict, Optional
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from alignsam.data.features import precompute_features
+from alignsam.metrics import HEADLINE_METRICS
 from alignsam.module import AlignSAM
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,15 @@ class AlignSAMCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_kwargs", {}).setdefault("parser_mode", "omegaconf")
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its two optimizers
         super().__init__(AlignSAM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
+
+    def _instantiate_trainer(self, config: Dict, callbacks: list):
+        """Adds a rich progress bar unless the config has one or sets ``trainer.enable_progress_bar: false``."""
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = list(callbacks) + [RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--precompute", type=bool, default=True,
@@ -68,8 +77,13 @@ class AlignSAMCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero and self.model.validation_table:
-            print("\nValidation of the trained agent (last epoch) against the reference prompts:")
-            print(format_table(self.model.validation_table))
+            task = self.model.hparams.task
+            columns = HEADLINE_METRICS[task] + (["iou_fg"] if "iou_fg" in self.model.validation_table["agent"] else [])
+            steps = self.model.env_config.steps
+            seeds = " after the SRM's 2 seed prompts" if self.model.env_config.init_prompts == "srm" else ""
+            print(f"\nValidation ({task}, last epoch): the trained agent ({steps} clicks{seeds}) against one "
+                  f"centre click and {steps} random clicks; all metrics in TensorBoard ({self.trainer.log_dir})")
+            print(format_table(self.model.validation_table, columns))
 
 
 def main(args=None) -> None:
