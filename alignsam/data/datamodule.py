@@ -15,7 +15,8 @@ import logging
 from typing import Dict, List, Literal, Optional, Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alignsam.data.augment import AugmentConfig, AugmentedViews
 from alignsam.data.datasets import BinaryMaskFolder, get_preset
@@ -27,6 +28,28 @@ from alignsam.data.voc import VOC_CLASS_TEXTS, VOCEpisodes, VOCSegmentation
 log = logging.getLogger(__name__)
 
 CheckFiles = Literal["quick", "full", "none"]
+
+
+class EpochShuffle(Sampler):
+    """A random order per epoch that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every training epoch, so a run resumed from a checkpoint at
+    an epoch boundary sees the same orders as an uninterrupted one (a plain ``shuffle=True`` draws
+    from the global RNG, whose state checkpoints do not keep).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class _FewShotDataModule(L.LightningDataModule):
@@ -103,7 +126,9 @@ class _FewShotDataModule(L.LightningDataModule):
         if dataset is None:
             raise DataConfigError(f"data.{stage}_split", f"no {stage} split configured (it is null)")
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        # the seed of seed_everything (torch.initial_seed() is what it set, however far the RNG has run)
+        sampler = EpochShuffle(len(dataset), torch.initial_seed() % 2**31) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate_samples, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:

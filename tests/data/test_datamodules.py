@@ -202,3 +202,15 @@ def test_voc_module_with_sbd_labels_and_overlap_check(tmp_path):
     with pytest.raises(DataConfigError, match="2008_404040") as err:
         VOCDataModule(str(tmp_path), train_split="train_aug", train_label_dir="SegmentationClassAug")
     assert err.value.key == "data.val_split"
+
+
+def test_epoch_shuffle_depends_only_on_seed_and_epoch():
+    from alignsam.data.datamodule import EpochShuffle
+
+    first, again = EpochShuffle(20, seed=3), EpochShuffle(20, seed=3)
+    first.set_epoch(4)
+    again.set_epoch(4)
+    assert list(first) == list(again) and sorted(first) == list(range(20))
+    again.set_epoch(5)
+    assert list(again) != list(first)
+    assert list(EpochShuffle(20, seed=4)) != list(EpochShuffle(20, seed=3))
