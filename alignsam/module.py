@@ -140,7 +140,14 @@ class AlignSAM(L.LightningModule):
 
     # -- features ------------------------------------------------------------------------------------
     def prepare(self, samples: Sequence[Dict], with_gt: bool = True):
-        """Cached embeddings (and text maps) of a batch of samples -> (:class:`Episodes`, embedded)."""
+        """Cached embeddings (and text maps) of a batch of samples -> (:class:`Episodes`, embedded).
+
+        Runs outside mixed precision: the cache stores fp16 and its reads must not be autocast.
+        """
+        with torch.autocast(self.device.type, enabled=False):
+            return self._prepare(samples, with_gt)
+
+    def _prepare(self, samples: Sequence[Dict], with_gt: bool):
         embedded = self.store.embeddings(self.segmenter, samples, device=self.device)
         embedded = EmbeddedImages(embedded.embeddings.float(), embedded.original_hw, embedded.input_hw)
         text_map = None
