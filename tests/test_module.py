@@ -49,8 +49,10 @@ def tiny_data(task: str, batch_size: int = 4) -> SceneDataModule:
     return SceneDataModule(task=task, train_pool=50, train_size=8, val_size=4, test_size=4, batch_size=batch_size)
 
 
-def tiny_trainer(max_epochs: int, logger=False, callbacks=(), **kwargs) -> L.Trainer:
+def tiny_trainer(max_epochs: int, root: Path, logger=False, callbacks=(), **kwargs) -> L.Trainer:
+    """Without a logger, ``root`` is the log dir (``fewshot_ids.txt`` goes there, not into the cwd)."""
     return L.Trainer(
+        default_root_dir=str(root),
         accelerator="cpu", devices=kwargs.pop("devices", 1), max_epochs=max_epochs, logger=logger,
         callbacks=list(callbacks), check_val_every_n_epoch=1, log_every_n_steps=1,
         num_sanity_val_steps=kwargs.pop("num_sanity_val_steps", 0), enable_progress_bar=False,
@@ -76,7 +78,7 @@ def fitted(request, tmp_path_factory):
     L.seed_everything(0)
     model = tiny_model(task, tmp / "cache")
     logger = TensorBoardLogger(str(tmp / "logs"), name=task)
-    trainer = tiny_trainer(1, logger=logger, callbacks=[ModelCheckpoint(save_last=True)],
+    trainer = tiny_trainer(1, tmp, logger=logger, callbacks=[ModelCheckpoint(save_last=True)],
                            num_sanity_val_steps=1 if task == "categories" else 0)
     trainer.fit(model, tiny_data(task))
     return task, model, trainer, Path(logger.log_dir)
@@ -146,7 +148,7 @@ class BatchIds(Callback):
 def _fit(tmp: Path, cache: Path, max_epochs: int, ckpt_path=None):
     L.seed_everything(0)
     model, ids = tiny_model("saliency", cache, seed=0), BatchIds()
-    trainer = tiny_trainer(max_epochs, callbacks=[ModelCheckpoint(dirpath=str(tmp), save_last=True), ids])
+    trainer = tiny_trainer(max_epochs, tmp, callbacks=[ModelCheckpoint(dirpath=str(tmp), save_last=True), ids])
     trainer.fit(model, tiny_data("saliency"), ckpt_path=ckpt_path)
     return model, ids.ids
 
@@ -192,7 +194,7 @@ def test_two_process_cpu_ddp_fit_finishes_with_ranks_in_step(tmp_path):
     model = tiny_model("saliency", tmp_path / "cache")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     logger = TensorBoardLogger(str(tmp_path / "logs"), name="ddp")
-    trainer = tiny_trainer(1, logger=logger, devices=2, strategy="ddp_spawn",
+    trainer = tiny_trainer(1, tmp_path, logger=logger, devices=2, strategy="ddp_spawn",
                            callbacks=[ModelCheckpoint(save_last=True), SaveRankWeights(str(tmp_path))])
     trainer.fit(model, tiny_data("saliency", batch_size=2))
     assert trainer.state.finished
