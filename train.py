@@ -12,7 +12,6 @@ import sys
 from alignsam.cli import main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] not in ("fit", "validate", "test", "-h", "--help"):
-        args = ["fit"] + args
-    main(args)
+    if len(sys.argv) < 2 or sys.argv[1] not in ("fit", "validate", "test", "-h", "--help"):
+        sys.argv.insert(1, "fit")
+    main()

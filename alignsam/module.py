@@ -72,6 +72,11 @@ class Rollout:
     point_labels: torch.Tensor
 
 
+# The config dataclasses are hyperparameters, hence in every checkpoint: allow them for
+# torch.load(weights_only=True), the default of torch >= 2.6 and of Trainer.fit(ckpt_path=...).
+torch.serialization.add_safe_globals([SegmenterConfig, EnvConfig, PolicyConfig, SRMConfig, PPOConfig])
+
+
 class AlignSAM(L.LightningModule):
     """The agent (policy + SRM) and its frozen foundation models.
 
@@ -86,6 +91,8 @@ class AlignSAM(L.LightningModule):
             SRM is ``explicit``, unused otherwise.
         feature_cache: directory of the on-disk cache of SAM embeddings and text maps.
         num_classes: classes incl. background for ``voc`` / ``categories`` (default from the task).
+            Under DDP the episodes of one image can land on different ranks, so the label maps of
+            these two tasks are assembled per rank: validate them on one device (evaluate.py does).
         seed: seed of the rollout sampler, the PPO minibatch order and the random-click baseline.
         log_images: episodes drawn to TensorBoard at every validation.
     """
@@ -373,6 +380,25 @@ class AlignSAM(L.LightningModule):
                                         points[i].cpu().numpy(), rollout.point_labels[i].cpu().numpy(),
                                         title=f"{batch[i]['id']} ({batch[i].get('text', '')})"))
         self.logger.experiment.add_image("val/episodes", stack_panels(panels), self.global_step, dataformats="HWC")
+
+    # -- DDP ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # Each manual_backward reaches only the policy or only the SRM, so DDP must not wait for the others.
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A torch.Generator cannot cross torch.multiprocessing (ddp_spawn): send its state as bytes.
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        super().__setstate__({**state, "generator": generator})
 
     # -- checkpoints: the sampler state makes a resumed run identical to an uninterrupted one -------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
