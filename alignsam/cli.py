@@ -81,7 +81,7 @@ class AlignSAMCLI(LightningCLI):
             columns = HEADLINE_METRICS[task] + (["iou_fg"] if "iou_fg" in self.model.validation_table["agent"] else [])
             steps = self.model.env_config.steps
             seeds = " after the SRM's 2 seed prompts" if self.model.env_config.init_prompts == "srm" else ""
-            print(f"\nValidation ({task}, last epoch): the trained agent ({steps} clicks{seeds}) against one "
+            print(f"\nValidation ({task}, after epoch {self.model.validation_epoch}): the trained agent ({steps} clicks{seeds}) against one "
                   f"centre click and {steps} random clicks; all metrics in TensorBoard ({self.trainer.log_dir})")
             print(format_table(self.model.validation_table, columns))
 

@@ -139,6 +139,7 @@ class AlignSAM(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.val_metrics = nn.ModuleDict({name: self.new_metrics() for name in ("agent",) + BASELINES})
         self.validation_table: Dict[str, Dict[str, float]] = {}
+        self.validation_epoch = 0
         self._baseline_results: Dict[str, Dict[str, float]] = {}
 
     def new_metrics(self):
@@ -359,6 +360,7 @@ class AlignSAM(L.LightningModule):
         curve = (self._curve_sum / max(self._curve_count, 1)).tolist()
         table["agent"]["final_iou_low_res"] = curve[-1]
         self.validation_table = table
+        self.validation_epoch = self.current_epoch + 1  # epochs trained when this table was made
         prefix = {"agent": stage}
         for name, values in table.items():
             self.log_dict({f"{prefix.get(name, f'{stage}_{name}')}/{k}": v for k, v in values.items()}, sync_dist=True)
