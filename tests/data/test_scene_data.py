@@ -97,7 +97,10 @@ def test_scene_config_data_section_builds(task):
     import yaml
     from lightning.pytorch.cli import LightningArgumentParser
 
+    from omegaconf import OmegaConf
+
     config = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "scenes" / f"{task}.yaml").read_text())
+    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)  # data.task: ${model.task}
     config["data"]["init_args"].update(train_pool=20, train_size=4, val_size=2, test_size=2)
     parser = LightningArgumentParser()
     parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
