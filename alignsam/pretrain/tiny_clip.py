@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from alignsam.data.scenes import TASKS
-from alignsam.foundation.clip_surgery import surgery_image_features
+from alignsam.foundation.surgery import surgery_image_features
 from alignsam.foundation.tiny_clip import TINY_TEMPLATES, WordTokenizer, build_tiny_clip, save_tiny_clip, tiny_clip_config
 from alignsam.pretrain.schedule import warmup_cosine
 from alignsam.pretrain.scene_captions import DENSE_TEXTS, SceneCaptionStream, task_text_mask
