@@ -16,7 +16,7 @@ BASELINES = ("centre", "random")
 
 
 def centre_click(grid: int, original_hw: torch.Tensor, img_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One positive click at the image centre (the centre patch for odd G; the exact centre always)."""
+    """One positive click at the exact centre of each image (not snapped to the action grid)."""
     b = len(original_hw)
     centre = (original_hw.to(torch.float32).flip(-1) / 2)[:, None, :]  # (B, 1, 2) original frame
     return original_to_sam_points(centre, original_hw, img_size), torch.ones(b, 1, dtype=torch.long, device=original_hw.device)

@@ -65,10 +65,14 @@ def original_to_sam_points(
         ``(B, N, 2)`` float points in SAM's input frame.
     """
     original_hw = original_hw.to(points_xy.device, torch.float32)
-    scale = img_size / original_hw.max(dim=1).values  # (B,)
-    new_hw = torch.floor(original_hw * scale[:, None] + 0.5)  # as input_size_for
-    ratio_xy = (new_hw / original_hw).flip(-1)  # (B, 2) as (w ratio, h ratio)
+    ratio_xy = (_resized_hw(original_hw, img_size) / original_hw).flip(-1)  # (B, 2) as (w ratio, h ratio)
     return points_xy * ratio_xy[:, None, :]
+
+
+def _resized_hw(original_hw: torch.Tensor, img_size: int) -> torch.Tensor:
+    """``(B, 2)`` float sizes after SAM's longest-side resize, as :func:`input_size_for` rounds them."""
+    scale = img_size / original_hw.max(dim=1).values  # (B,)
+    return torch.floor(original_hw * scale[:, None] + 0.5)
 
 
 def patch_centres(grid: int, original_hw: torch.Tensor) -> torch.Tensor:
@@ -262,6 +266,4 @@ def original_masks_to_sam_grid(
 def sam_to_original_points(points_xy: torch.Tensor, original_hw: torch.Tensor, img_size: int) -> torch.Tensor:
     """Inverse of :func:`original_to_sam_points`: ``(B, N, 2)`` SAM input frame -> original frame."""
     original_hw = original_hw.to(points_xy.device, torch.float32)
-    scale = img_size / original_hw.max(dim=1).values
-    new_hw = torch.floor(original_hw * scale[:, None] + 0.5)
-    return points_xy * (original_hw / new_hw).flip(-1)[:, None, :]
+    return points_xy * (original_hw / _resized_hw(original_hw, img_size)).flip(-1)[:, None, :]

@@ -177,25 +177,26 @@ class AlignSAM(L.LightningModule):
         env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold)
         policy_text, srm_text = self._text(episodes, self.policy_text), self._text(episodes, self.srm_text)
         srm_probs = torch.sigmoid(self.srm(env.blank_state(episodes), srm_text))
-        env.reset(episodes, srm_probs, training)
+        state = env.reset(episodes, srm_probs, training)
         record: Dict[str, List[torch.Tensor]] = {k: [] for k in ("masks", "valid", "actions", "log_probs", "values", "rewards", "labels")}
         for _ in range(steps):
-            mask = env.mask_on_grid(env.logits)
-            state = episodes.embeddings * mask
             logits, value = self.policy(state, episodes.pool, policy_text)
+            # sampled on the CPU with the module's generator, whose state the checkpoint keeps
             actions, log_probs = ppo.sample_actions(logits.float().cpu(), env.valid.cpu(), self.generator, greedy)
+            actions = actions.to(self.device)
             srm_probs = torch.sigmoid(self.srm(state, srm_text))
-            record["masks"].append(mask)
+            record["masks"].append(env.mask)
             record["valid"].append(env.valid)
-            record["actions"].append(actions.to(self.device))
+            record["actions"].append(actions)
             record["log_probs"].append(log_probs.to(self.device))
             record["values"].append(value.float())
-            result = env.step(actions.to(self.device), srm_probs)
+            result = env.step(actions, srm_probs)
+            state = result.state
             record["labels"].append(result.labels)
             if result.reward is not None:
                 record["rewards"].append(result.reward)
-        final_mask = env.mask_on_grid(env.logits)
-        _, bootstrap = self.policy(episodes.embeddings * final_mask, episodes.pool, policy_text)
+        final_mask = env.mask
+        _, bootstrap = self.policy(state, episodes.pool, policy_text)
         stack = lambda key: torch.stack(record[key]) if record[key] else None  # noqa: E731
         return Rollout(
             masks=stack("masks"), valid=stack("valid"), actions=stack("actions"), log_probs=stack("log_probs"),

@@ -31,6 +31,7 @@ from alignsam.geometry import (
     patch_pool_matrix,
     sample_at_sam_points,
 )
+from alignsam.losses import mask_iou
 
 INIT_PROMPTS = ("srm", "none")
 STATE_MASKS = ("prob", "binary")
@@ -171,10 +172,7 @@ def low_res_iou(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> 
 
     logits ``(B, 1, H, W)``, gt and valid bool ``(B, H, W)`` -> ``(B,)`` (1 when both are empty).
     """
-    pred = (logits[:, 0] > MASK_LOGIT_THRESHOLD) & valid
-    inter = (pred & gt).flatten(1).sum(1).float()
-    union = (pred | gt).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return mask_iou((logits[:, 0] > MASK_LOGIT_THRESHOLD) & valid, gt)
 
 
 @dataclass
@@ -200,7 +198,8 @@ class PromptingEnv:
 
     Attributes after reset (``n`` = prompts so far):
         points ``(B, n, 2)`` SAM frame, labels ``(B, n)`` long, valid ``(B, A)`` bool (not clicked
-        yet), logits ``(B, 1, 4h, 4w)`` SAM's current low-res logits, clicked ``(B, t)`` actions,
+        yet), logits ``(B, 1, 4h, 4w)`` SAM's current low-res logits, mask ``(B, 1, h, w)`` their
+        m(M) (the state is ``E * mask``), clicked ``(B, t)`` actions,
         iou_history list of ``(B,)`` (IoU after P_0 and after each step; empty without ground truth).
     """
 
@@ -244,14 +243,13 @@ class PromptingEnv:
                 raise ValueError("model.env.init_prompts: srm needs the SRM's probabilities at reset")
             self.points, self.labels = self._srm_seed_prompts(srm_probs)
             self.logits, _ = self.segmenter.decode(episodes.embeddings, self.points, self.labels)
-            self._has_sam_logits = True
         else:
             self.points = torch.zeros(b, 0, 2, device=device)
             self.labels = torch.zeros(b, 0, dtype=torch.long, device=device)
             self.logits = torch.full((b, 1, *self.segmenter.low_res_hw), ALL_ONES_LOGIT, device=device)
-            self._has_sam_logits = False
         self._record_iou()
-        return self.state_from_mask(self.mask_on_grid(self.logits))
+        self.mask = self.mask_on_grid(self.logits)
+        return self.state_from_mask(self.mask)
 
     def _srm_seed_prompts(self, srm_probs: torch.Tensor):
         """P_0: the most confident foreground cell (positive) and the least confident (negative),
@@ -296,14 +294,14 @@ class PromptingEnv:
         if not self.valid[rows, actions].all():
             raise ValueError("an action was chosen twice in one episode (mask the logits with env.valid)")
         labels = self.click_labels(actions, srm_probs)
+        came_from_sam = self.points.shape[1] > 0  # else the logits are the all-ones M_0 of init_prompts: none
         self.valid = self.valid.clone()
         self.valid[rows, actions] = False
         self.clicked = torch.cat([self.clicked, actions[:, None]], 1)
         self.points = torch.cat([self.points, self.episodes.action_points[rows, actions][:, None]], 1)
         self.labels = torch.cat([self.labels, labels[:, None]], 1)
-        mask_input = self.logits if (self.config.feed_mask_input and self._has_sam_logits) else None
+        mask_input = self.logits if (self.config.feed_mask_input and came_from_sam) else None
         self.logits, _ = self.segmenter.decode(self.episodes.embeddings, self.points, self.labels, mask_input)
-        self._has_sam_logits = True
         previous = self.iou_history[-1] if self.iou_history else None
         iou = self._record_iou()
         reward = None
@@ -311,4 +309,5 @@ class PromptingEnv:
             on_target = self.episodes.patch_on_gt[rows, actions].float() * 2 - 1  # +1 / -1
             gain = iou - previous
             reward = {"target": on_target, "iou_gain": gain, "target+iou": on_target + gain}[self.config.reward]
-        return StepResult(reward, labels, iou, self.state_from_mask(self.mask_on_grid(self.logits)))
+        self.mask = self.mask_on_grid(self.logits)
+        return StepResult(reward, labels, iou, self.state_from_mask(self.mask))

@@ -158,3 +158,13 @@ def test_geometry_helpers():
     logits = torch.full((1, 1, 4, 4), -1.0)
     logits[0, 0, 0] = 1.0
     assert low_res_iou(logits, gt, torch.ones_like(gt)).item() == pytest.approx(0.5)
+
+
+def test_sam_points_map_back_to_the_original_frame():
+    from alignsam.geometry import original_to_sam_points, sam_to_original_points
+
+    hw = torch.tensor([[480, 640], [300, 200]])
+    points = torch.tensor([[[10.0, 20.0], [639.0, 479.0]], [[5.0, 290.0], [199.0, 0.0]]])
+    sam = original_to_sam_points(points, hw, 1024)
+    assert sam[0, 1, 0] == pytest.approx(639 * 1024 / 640)  # a real rescale, not the identity
+    torch.testing.assert_close(sam_to_original_points(sam, hw, 1024), points)
