@@ -18,16 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-import torch.nn as nn
 
-from alignsam.baselines import BASELINES, centre_click, random_clicks
+from alignsam.evaluation.evaluator import Evaluator
 from alignsam.data.features import FeatureStore
 from alignsam.foundation.frozen import frozen_submodule
 from alignsam.foundation.segmenter import EmbeddedImages, build_segmenter
-from alignsam.geometry import sam_to_original_points, whole_image_maps_to_sam_grid
+from alignsam.geometry import MASK_LOGIT_THRESHOLD, sam_to_original_points, whole_image_maps_to_sam_grid
 from alignsam.metrics import task_metrics
-from alignsam.metrics.assembly import LabelMapAssembler
-from alignsam.metrics.tasks import SEMANTIC_TASKS
 from alignsam.rl import ppo
 from alignsam.rl.env import EnvConfig, Episodes, PromptingEnv, make_episodes
 from alignsam.rl.ppo import PPOConfig
@@ -35,6 +32,8 @@ from alignsam.rl.policy import ActorCritic, PolicyConfig
 from alignsam.srm import SemanticRecalibration, SRMConfig, srm_loss
 
 warnings.filterwarnings("ignore", message=".*module.*in eval mode.*")  # the frozen SAM / CLIP, by design
+
+BASELINES = ("centre", "random")  # scored once per run in validation (evaluate.py scores them all)
 
 
 @dataclass
@@ -54,7 +53,8 @@ class Rollout:
     ``(T, B, A)`` the action mask each action was drawn under; actions, log_probs, values,
     rewards, labels ``(T, B)``; bootstrap_value ``(B,)`` V(s_T); final_mask ``(B, 1, h, w)``;
     final_logits ``(B, 1, 4h, 4w)``; iou_curve ``(T + 1, B)`` low-res IoU after P_0 and each step
-    (None without ground truth); points ``(B, n, 2)`` and point_labels ``(B, n)`` every prompt, SAM frame.
+    (None without ground truth); points ``(B, n, 2)`` and point_labels ``(B, n)`` every prompt, SAM frame;
+    step_logits ``(T + 1, B, 1, 4h, 4w)`` SAM's logits after P_0 and after each step.
     """
 
     masks: torch.Tensor
@@ -70,6 +70,7 @@ class Rollout:
     iou_curve: Optional[torch.Tensor]
     points: torch.Tensor
     point_labels: torch.Tensor
+    step_logits: torch.Tensor
 
 
 # The config dataclasses are hyperparameters, hence in every checkpoint: allow them for
@@ -137,8 +138,12 @@ class AlignSAM(L.LightningModule):
         self.srm_text = srm.branch == "explicit"
         self.store = FeatureStore(feature_cache)
         self.generator = torch.Generator().manual_seed(seed)
-        self.val_metrics = nn.ModuleDict({name: self.new_metrics() for name in ("agent",) + BASELINES})
         self.validation_table: Dict[str, Dict[str, float]] = {}
+        self.test_table: Dict[str, Dict[str, float]] = {}
+        # set by evaluate.py (AlignSAM.configure_evaluation) before trainer.test
+        self.test_strategies: Optional[List[str]] = None
+        self.oracle_clicks = 20
+        self.prediction_hook = None
         self.validation_epoch = 0
         self._baseline_results: Dict[str, Dict[str, float]] = {}
 
@@ -171,10 +176,12 @@ class AlignSAM(L.LightningModule):
 
     # -- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, episodes: Episodes, training: bool, greedy: bool, steps: Optional[int] = None) -> Rollout:
-        """Run B episodes of ``steps`` (default ``env.steps``) with the current policy and SRM."""
+    def rollout(self, episodes: Episodes, training: bool, greedy: bool, steps: Optional[int] = None,
+                all_positive: bool = False) -> Rollout:
+        """Run B episodes of ``steps`` (default ``env.steps``) with the current policy and SRM
+        (``all_positive``: every click labelled positive instead of by the SRM)."""
         steps = steps or self.env_config.steps
-        env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold)
+        env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold, all_positive)
         policy_text, srm_text = self._text(episodes, self.policy_text), self._text(episodes, self.srm_text)
         srm_probs = torch.sigmoid(self.srm(env.blank_state(episodes), srm_text))
         state = env.reset(episodes, srm_probs, training)
@@ -203,7 +210,7 @@ class AlignSAM(L.LightningModule):
             values=stack("values"), rewards=stack("rewards"), labels=stack("labels"),
             bootstrap_value=bootstrap.float(), final_mask=final_mask, final_logits=env.logits,
             iou_curve=torch.stack(env.iou_history) if env.iou_history else None,
-            points=env.points, point_labels=env.labels,
+            points=env.points, point_labels=env.labels, step_logits=torch.stack(env.logits_history),
         )
 
     # -- training ------------------------------------------------------------------------------------
@@ -290,84 +297,59 @@ class AlignSAM(L.LightningModule):
         return [policy_opt, srm_opt]
 
     # -- evaluation ----------------------------------------------------------------------------------
+    # Validation scores the agent (and, once per run, the centre / random baselines); the test loop
+    # (evaluate.py) scores every strategy of ``self.test_strategies``. Scoring lives in
+    # alignsam.evaluation; the tables land in ``validation_table`` / ``test_table``.
     def on_validation_epoch_start(self) -> None:
-        self._eval_start()
+        self._run_baselines = not self._baseline_results and not self.trainer.sanity_checking
+        strategies = ["agent"] + (list(BASELINES) if self._run_baselines else [])
+        self._evaluator = Evaluator(self, strategies, seed=self.hparams.seed + 1)
 
     def on_test_epoch_start(self) -> None:
-        self._eval_start()
+        from alignsam.evaluation.strategies import NEEDS_PROTOTYPES, check_strategies, default_strategies
 
-    def _eval_start(self) -> None:
-        self.baseline_generator = torch.Generator().manual_seed(self.hparams.seed + 1)
-        self._assemblers = {name: LabelMapAssembler() for name in self.val_metrics}
-        self._curve_sum, self._curve_count = None, 0
-        self._run_baselines = not self._baseline_results or self.trainer.testing
-        for metrics in self.val_metrics.values():
-            metrics.reset()
+        names = self.test_strategies or default_strategies(self.matcher is not None)
+        names = check_strategies(names, self.matcher is not None)
+        train = None
+        if any(n in NEEDS_PROTOTYPES for n in names):
+            datamodule = getattr(self.trainer, "datamodule", None)
+            train = getattr(datamodule, "train_dataset", None)
+        self._evaluator = Evaluator(self, names, seed=self.hparams.seed + 1, oracle_clicks=self.oracle_clicks,
+                                    train_samples=train, on_agent=self.prediction_hook)
 
     def validation_step(self, batch: List[Dict], batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "val")
+        outcomes, embedded = self._evaluator.add_batch(batch)
+        if batch_idx == 0 and not self.trainer.sanity_checking:
+            self._log_episode_images(batch, outcomes["agent"], embedded)
 
     def test_step(self, batch: List[Dict], batch_idx: int) -> None:
-        self._evaluate_batch(batch, batch_idx, "test")
-
-    def _evaluate_batch(self, batch: List[Dict], batch_idx: int, stage: str) -> None:
-        episodes, embedded = self.prepare(batch)
-        rollout = self.rollout(episodes, training=False, greedy=self.env_config.greedy_eval)
-        self._score("agent", batch, rollout.final_logits, embedded)
-        curve = rollout.iou_curve.sum(1)
-        self._curve_sum = curve if self._curve_sum is None else self._curve_sum + curve
-        self._curve_count += len(batch)
-        if self._run_baselines and not self.trainer.sanity_checking:
-            grid, hw, size = self.env_config.grid, embedded.original_hw, self.segmenter.img_size
-            prompts = {"centre": centre_click(grid, hw, size),
-                       "random": random_clicks(self.env_config.steps, grid, hw, size, self.baseline_generator)}
-            for name, (points, labels) in prompts.items():
-                logits, _ = self.segmenter.decode(episodes.embeddings, points, labels)
-                self._score(name, batch, logits, embedded)
-        if batch_idx == 0 and stage == "val" and not self.trainer.sanity_checking:
-            self._log_episode_images(batch, rollout, embedded)
-
-    def _score(self, name: str, batch: List[Dict], low_res: torch.Tensor, embedded: EmbeddedImages) -> None:
-        """Final low-res logits ``(B, 1, 4h, 4w)`` -> original size -> the strategy's metrics."""
-        logits = [self.segmenter.logits_to_original(low_res[i], embedded, i)[0].float() for i in range(len(batch))]
-        if self.hparams.task in SEMANTIC_TASKS:
-            for sample, logit in zip(batch, logits):
-                self._assemblers[name].add(str(sample["image_id"]), int(sample["class_id"]), logit, sample["label_map"])
-        else:
-            probs = [torch.sigmoid(logit).clamp(0, 1) for logit in logits]
-            gts = [torch.as_tensor(np.asarray(s["mask"], bool), device=self.device) for s in batch]
-            self.val_metrics[name].update(probs, gts)
+        self._evaluator.add_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
-
-    def _eval_end(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             return
-        table = {}
-        for name, metrics in self.val_metrics.items():
-            if name != "agent" and not self._run_baselines:
-                table[name] = self._baseline_results[name]
-                continue
-            if self.hparams.task in SEMANTIC_TASKS:
-                preds, targets = self._assemblers[name].label_maps()
-                metrics.update([p.to(self.device) for p in preds], [t.to(self.device) for t in targets])
-            table[name] = {k: float(v) for k, v in metrics.compute().items()}
-        if self._run_baselines and not self.trainer.testing:
+        table = self._evaluator.compute()
+        if self._run_baselines:
             self._baseline_results = {k: v for k, v in table.items() if k != "agent"}
-        curve = (self._curve_sum / max(self._curve_count, 1)).tolist()
-        table["agent"]["final_iou_low_res"] = curve[-1]
+        table.update({k: v for k, v in self._baseline_results.items() if k not in table})
         self.validation_table = table
         self.validation_epoch = self.current_epoch + 1  # epochs trained when this table was made
-        prefix = {"agent": stage}
-        for name, values in table.items():
-            self.log_dict({f"{prefix.get(name, f'{stage}_{name}')}/{k}": v for k, v in values.items()}, sync_dist=True)
-        self.log_dict({f"{stage}_iou_curve/step_{t:02d}": v for t, v in enumerate(curve)}, sync_dist=True)
+        self._log_table("val", table)
 
-    def _log_episode_images(self, batch: List[Dict], rollout: Rollout, embedded: EmbeddedImages) -> None:
+    def on_test_epoch_end(self) -> None:
+        self.test_table = self._evaluator.compute()
+        self._log_table("test", self.test_table)
+
+    def _log_table(self, stage: str, table: Dict[str, Dict[str, float]]) -> None:
+        """``<stage>/<metric>`` for the agent, ``<stage>_<strategy>/<metric>`` for the others and
+        ``<stage>_iou_curve/step_NN`` for the agent's IoU after each click."""
+        for name, values in table.items():
+            prefix = stage if name == "agent" else f"{stage}_{name}"
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not k.startswith("iou@")}, sync_dist=True)
+        curve = {k: v for k, v in table["agent"].items() if k.startswith("iou@")}
+        self.log_dict({f"{stage}_iou_curve/step_{int(k[4:]):02d}": v for k, v in curve.items()}, sync_dist=True)
+
+    def _log_episode_images(self, batch: List[Dict], outcome, embedded: EmbeddedImages) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         from alignsam.visualize import episode_panel, stack_panels
@@ -375,12 +357,12 @@ class AlignSAM(L.LightningModule):
         if not isinstance(self.logger, TensorBoardLogger) or self.hparams.log_images <= 0:
             return
         n = min(self.hparams.log_images, len(batch))
-        points = sam_to_original_points(rollout.points[:n].float(), embedded.original_hw[:n], self.segmenter.img_size)
+        points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], self.segmenter.img_size)
         panels = []
         for i in range(n):
-            mask = self.segmenter.logits_to_original(rollout.final_logits[i], embedded, i)[0] > 0
+            mask = self.segmenter.logits_to_original(outcome.logits[i], embedded, i)[0] > MASK_LOGIT_THRESHOLD
             panels.append(episode_panel(batch[i]["image"], np.asarray(batch[i]["mask"], bool), mask.cpu().numpy(),
-                                        points[i].cpu().numpy(), rollout.point_labels[i].cpu().numpy(),
+                                        points[i].cpu().numpy(), outcome.labels[i].cpu().numpy(),
                                         title=f"{batch[i]['id']} ({batch[i].get('text', '')})"))
         self.logger.experiment.add_image("val/episodes", stack_panels(panels), self.global_step, dataformats="HWC")
 

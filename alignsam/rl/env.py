@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alignsam.baselines import best_and_worst_cells
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
 from alignsam.geometry import (
     MASK_LOGIT_THRESHOLD,
     PROB_THRESHOLD,
     actions_to_sam_points,
-    grid_cell_centres,
     image_region_on_grid,
     original_masks_to_sam_grid,
     patch_centres,
@@ -200,14 +200,18 @@ class PromptingEnv:
         points ``(B, n, 2)`` SAM frame, labels ``(B, n)`` long, valid ``(B, A)`` bool (not clicked
         yet), logits ``(B, 1, 4h, 4w)`` SAM's current low-res logits, mask ``(B, 1, h, w)`` their
         m(M) (the state is ``E * mask``), clicked ``(B, t)`` actions,
-        iou_history list of ``(B,)`` (IoU after P_0 and after each step; empty without ground truth).
+        iou_history list of ``(B,)`` (IoU after P_0 and after each step; empty without ground truth),
+        logits_history list of ``(B, 1, 4h, 4w)`` (the logits after P_0 and after each step).
     """
 
-    def __init__(self, segmenter: Segmenter, config: EnvConfig, srm_threshold: float = PROB_THRESHOLD) -> None:
-        """``srm_threshold``: a click is positive when the SRM probability at it is >= this."""
+    def __init__(self, segmenter: Segmenter, config: EnvConfig, srm_threshold: float = PROB_THRESHOLD,
+                 all_positive: bool = False) -> None:
+        """``srm_threshold``: a click is positive when the SRM probability at it is >= this.
+        ``all_positive``: label every click positive (the "w/o SRM" ablation of evaluate.py)."""
         self.segmenter = segmenter
         self.config = config
         self.srm_threshold = srm_threshold
+        self.all_positive = all_positive
 
     # -- state ---------------------------------------------------------------------------------------
     @staticmethod
@@ -237,7 +241,7 @@ class PromptingEnv:
         b, device = len(episodes), episodes.embeddings.device
         self.valid = torch.ones(b, self.config.grid ** 2, dtype=torch.bool, device=device)
         self.clicked = torch.zeros(b, 0, dtype=torch.long, device=device)
-        self.iou_history = []
+        self.iou_history, self.logits_history = [], []
         if self.config.init_prompts == "srm":
             if srm_probs is None:
                 raise ValueError("model.env.init_prompts: srm needs the SRM's probabilities at reset")
@@ -247,6 +251,7 @@ class PromptingEnv:
             self.points = torch.zeros(b, 0, 2, device=device)
             self.labels = torch.zeros(b, 0, dtype=torch.long, device=device)
             self.logits = torch.full((b, 1, *self.segmenter.low_res_hw), ALL_ONES_LOGIT, device=device)
+        self.logits_history.append(self.logits)
         self._record_iou()
         self.mask = self.mask_on_grid(self.logits)
         return self.state_from_mask(self.mask)
@@ -254,14 +259,7 @@ class PromptingEnv:
     def _srm_seed_prompts(self, srm_probs: torch.Tensor):
         """P_0: the most confident foreground cell (positive) and the least confident (negative),
         among embedding cells inside the image; points at cell centres in SAM's frame."""
-        inside = self.episodes.region.flatten(1) > 0.5  # (B, h*w)
-        probs = srm_probs.flatten(1).float()
-        best = probs.masked_fill(~inside, -1.0).argmax(1)
-        worst = probs.masked_fill(~inside, 2.0).argmin(1)
-        centres = grid_cell_centres(self.segmenter.embedding_hw, self.segmenter.img_size, probs.device)
-        points = torch.stack([centres[best], centres[worst]], dim=1)  # (B, 2, 2)
-        labels = torch.tensor([1, 0], device=probs.device).expand(len(probs), -1)
-        return points, labels
+        return best_and_worst_cells(srm_probs, self.episodes.region, self.segmenter.img_size)
 
     def _record_iou(self) -> Optional[torch.Tensor]:
         if self.episodes.gt_low is None:
@@ -271,9 +269,11 @@ class PromptingEnv:
         return iou
 
     def click_labels(self, actions: torch.Tensor, srm_probs: Optional[torch.Tensor]) -> torch.Tensor:
-        """Label ``(B,)`` of each action's click: the SRM's probability there >= threshold, or the
-        ground truth when training with ``train_labels: gt``."""
+        """Label ``(B,)`` of each action's click: the SRM's probability there >= threshold, the
+        ground truth when training with ``train_labels: gt``, or 1 with ``all_positive``."""
         rows = torch.arange(len(actions), device=actions.device)
+        if self.all_positive:
+            return torch.ones_like(actions)
         if self.training and self.config.train_labels == "gt":
             if self.episodes.patch_on_gt is None:
                 raise ValueError("model.env.train_labels: gt needs ground truth")
@@ -302,6 +302,7 @@ class PromptingEnv:
         self.labels = torch.cat([self.labels, labels[:, None]], 1)
         mask_input = self.logits if (self.config.feed_mask_input and came_from_sam) else None
         self.logits, _ = self.segmenter.decode(self.episodes.embeddings, self.points, self.labels, mask_input)
+        self.logits_history.append(self.logits)
         previous = self.iou_history[-1] if self.iou_history else None
         iou = self._record_iou()
         reward = None

@@ -1,0 +1,1 @@
+"""Evaluation: prompting strategies (the agent, baselines, ablations), scoring, tables, predictions."""

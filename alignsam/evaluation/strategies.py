@@ -1,0 +1,271 @@
+"""The named prompting strategies of ``evaluate.py``: the agent, its ablations and the baselines.
+
+Every strategy gets the same batch, cached embeddings and episodes (:class:`BatchContext`) and
+returns an :class:`Outcome`: SAM's final low-res logits and every prompt it gave, plus, for the
+sequential ones (the agent, its ablations, the oracle), the logits or IoU after each click.
+
+=============  ==========================================================================================
+name           prompts (T = ``model.env.steps``; "seeds" = the agent's P_0 when ``env.init_prompts: srm``)
+=============  ==========================================================================================
+agent          seeds + T clicks of the trained policy, labelled by the SRM (greedy, as in validation)
+centre         one positive click at the image centre
+random         T positive clicks at distinct random patches of the action grid
+grid_srm       seeds + T clicks on a regular spread of action patches, labelled by the SRM
+no_rl          w/o RL: seeds + the SRM's ceil(T/2) most confident patches (positive) and floor(T/2)
+               least confident (negative), from the SRM's map of the unprompted image
+no_srm         w/o SRM: the trained agent with every click labelled positive
+single_step    the trained agent with T = 1
+clip_surgery   CLIP Surgery's point recipe: the ceil(T/2) patches of highest text similarity
+               (positive) and floor(T/2) of lowest (negative); explicit configs only (needs the matcher)
+persam         PerSAM-style, training-free: cosine similarity of each embedding cell to the mean target
+               feature of the few-shot training images; best cell positive, worst negative
+oracle         the standard click simulator: each next click at the interior of the largest error
+               region, labelled by the ground truth (an upper bound, not a competitor)
+=============  ==========================================================================================
+
+The ablations reuse the trained agent's networks; no strategy sees the test ground truth except the
+oracle. Clicks on the action grid are at patch centres, as the agent's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from alignsam import baselines
+from alignsam.clicks import oracle_next_click
+from alignsam.evaluation.scoring import ClickCurve, episode_ious, original_logits
+from alignsam.foundation.segmenter import EmbeddedImages
+from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points, sample_at_sam_points
+from alignsam.rl.env import Episodes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from alignsam.module import AlignSAM
+
+LABELS = {
+    "agent": "AlignSAM agent",
+    "centre": "centre click",
+    "random": "T random clicks",
+    "grid_srm": "grid + SRM labels",
+    "no_rl": "w/o RL (SRM points)",
+    "no_srm": "w/o SRM (all positive)",
+    "single_step": "single step (T = 1)",
+    "clip_surgery": "CLIP Surgery points",
+    "persam": "PerSAM-style",
+    "oracle": "oracle clicks",
+}
+STRATEGIES = tuple(LABELS)
+NEEDS_MATCHER = frozenset({"clip_surgery"})
+NEEDS_PROTOTYPES = frozenset({"persam"})
+
+
+@dataclass
+class Outcome:
+    """What one strategy produced on B episodes.
+
+    logits ``(B, 1, 4h, 4w)`` SAM's final low-res logits; points ``(B, n, 2)`` (SAM frame) and
+    labels ``(B, n)`` every prompt (label -1 = padding, ignored by SAM); curve: IoU after each click
+    (sequential strategies only).
+    """
+
+    logits: torch.Tensor
+    points: torch.Tensor
+    labels: torch.Tensor
+    curve: Optional[ClickCurve] = None
+
+
+@dataclass
+class BatchContext:
+    """One batch, prepared once and shared by every strategy.
+
+    prototypes: PerSAM's mean target feature ``(C,)`` per class id (0 for the binary tasks).
+    """
+
+    module: "AlignSAM"
+    batch: List[Dict]
+    episodes: Episodes
+    embedded: EmbeddedImages
+    generator: torch.Generator
+    oracle_clicks: int = 20
+    prototypes: Optional[Dict[int, torch.Tensor]] = None
+    _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.module.env_config.steps
+
+    @property
+    def gts(self) -> List[torch.Tensor]:
+        return [torch.as_tensor(np.asarray(s["mask"], bool)) for s in self.batch]
+
+    def srm_probs(self) -> torch.Tensor:
+        """The SRM's foreground probabilities of the unprompted image ``(B, 1, h, w)`` (E * 1)."""
+        if "srm" not in self._cache:
+            module = self.module
+            text = self.episodes.text_state if module.srm_text else None
+            self._cache["srm"] = torch.sigmoid(module.srm(self.episodes.embeddings, text)).float()
+        return self._cache["srm"]
+
+    def seed_prompts(self):
+        """The agent's P_0 (``(B, 2, 2)``, ``(B, 2)``), or empty prompts with ``init_prompts: none``."""
+        if self.module.env_config.init_prompts != "srm":
+            b, device = len(self.episodes), self.episodes.embeddings.device
+            return torch.zeros(b, 0, 2, device=device), torch.zeros(b, 0, dtype=torch.long, device=device)
+        return baselines.best_and_worst_cells(self.srm_probs(), self.episodes.region, self.module.segmenter.img_size)
+
+    def decode(self, points: torch.Tensor, labels: torch.Tensor) -> Outcome:
+        logits, _ = self.module.segmenter.decode(self.episodes.embeddings, points, labels)
+        return Outcome(logits, points, labels)
+
+
+def _agent_outcome(ctx: BatchContext, **rollout_options) -> Outcome:
+    module = ctx.module
+    rollout = module.rollout(ctx.episodes, training=False, greedy=module.env_config.greedy_eval, **rollout_options)
+    seeds = 2 if module.env_config.init_prompts == "srm" else 0
+    rows = len(rollout.step_logits)
+    ious = torch.stack([episode_ious(original_logits(module.segmenter, step, ctx.embedded), ctx.gts)
+                        for step in rollout.step_logits])
+    clicks = torch.arange(rows)
+    curve = ClickCurve(ious, clicks, clicks + seeds)
+    return Outcome(rollout.final_logits, rollout.points, rollout.point_labels, curve)
+
+
+def agent(ctx: BatchContext) -> Outcome:
+    return _agent_outcome(ctx)
+
+
+def no_srm(ctx: BatchContext) -> Outcome:
+    return _agent_outcome(ctx, all_positive=True)
+
+
+def single_step(ctx: BatchContext) -> Outcome:
+    return _agent_outcome(ctx, steps=1)
+
+
+def centre(ctx: BatchContext) -> Outcome:
+    e, segmenter = ctx.embedded, ctx.module.segmenter
+    return ctx.decode(*baselines.centre_click(ctx.module.env_config.grid, e.original_hw, segmenter.img_size))
+
+
+def random(ctx: BatchContext) -> Outcome:
+    e, grid = ctx.embedded, ctx.module.env_config.grid
+    return ctx.decode(*baselines.random_clicks(ctx.steps, grid, e.original_hw, ctx.module.segmenter.img_size, ctx.generator))
+
+
+def _with_seeds(ctx: BatchContext, points: torch.Tensor, labels: torch.Tensor) -> Outcome:
+    seed_points, seed_labels = ctx.seed_prompts()
+    return ctx.decode(torch.cat([seed_points, points], 1), torch.cat([seed_labels, labels], 1))
+
+
+def _srm_labels(ctx: BatchContext, points: torch.Tensor) -> torch.Tensor:
+    prob = sample_at_sam_points(ctx.srm_probs(), points, ctx.module.segmenter.img_size)
+    return (prob >= ctx.module.srm_config.threshold).long()
+
+
+def grid_srm(ctx: BatchContext) -> Outcome:
+    actions = baselines.spread_patches(ctx.module.env_config.grid, ctx.steps).to(ctx.episodes.action_points.device)
+    points = ctx.episodes.action_points[:, actions]
+    return _with_seeds(ctx, points, _srm_labels(ctx, points))
+
+
+def no_rl(ctx: BatchContext) -> Outcome:
+    scores = sample_at_sam_points(ctx.srm_probs(), ctx.episodes.action_points, ctx.module.segmenter.img_size)
+    return _with_seeds(ctx, *baselines.ranked_patch_prompts(scores, ctx.episodes.action_points, ctx.steps))
+
+
+def clip_surgery(ctx: BatchContext) -> Outcome:
+    if ctx.episodes.text_map is None:
+        raise ValueError("the clip_surgery strategy needs the text matcher (model.matcher, an explicit config)")
+    pooled = torch.bmm(ctx.episodes.pool, ctx.episodes.text_map.flatten(1)[..., None])[..., 0]  # (B, A)
+    return ctx.decode(*baselines.ranked_patch_prompts(pooled, ctx.episodes.action_points, ctx.steps))
+
+
+def persam(ctx: BatchContext) -> Outcome:
+    if not ctx.prototypes:
+        raise ValueError("the persam strategy needs the few-shot prototypes (persam_prototypes)")
+    ids = [int(s.get("class_id", 0)) for s in ctx.batch]
+    missing = sorted(set(ids) - set(ctx.prototypes))
+    if missing:
+        raise ValueError(f"persam: no few-shot training episode of class id(s) {missing}")
+    protos = torch.stack([ctx.prototypes[i] for i in ids]).to(ctx.episodes.embeddings.device)
+    prior = baselines.cosine_location_prior(ctx.episodes.embeddings, protos)
+    return ctx.decode(*baselines.best_and_worst_cells(prior, ctx.episodes.region, ctx.module.segmenter.img_size))
+
+
+def oracle(ctx: BatchContext) -> Outcome:
+    """``ctx.oracle_clicks`` clicks of the standard simulator, each from the previous mask's
+    largest error region at original resolution; finished episodes get padding (label -1)."""
+    segmenter, e = ctx.module.segmenter, ctx.embedded
+    gts = [g.numpy() for g in ctx.gts]
+    b, device = len(gts), ctx.episodes.embeddings.device
+    preds = [np.zeros_like(g) for g in gts]
+    points = torch.zeros(b, 0, 2, device=device)
+    labels = torch.zeros(b, 0, dtype=torch.long, device=device)
+    logits, rows = None, []
+    feed_mask = ctx.module.env_config.feed_mask_input
+    for _ in range(ctx.oracle_clicks):
+        clicks, click_labels = [], []
+        for pred, gt in zip(preds, gts):
+            click = oracle_next_click(pred, gt)
+            if click is None:  # perfect already (or an empty target predicted empty): pad
+                clicks.append((0.0, 0.0))
+                click_labels.append(-1)
+            else:
+                clicks.append(click[:2])
+                click_labels.append(click[2])
+        new = original_to_sam_points(torch.tensor(clicks, device=device)[:, None], e.original_hw.to(device), segmenter.img_size)
+        points = torch.cat([points, new], 1)
+        labels = torch.cat([labels, torch.tensor(click_labels, device=device)[:, None]], 1)
+        logits, _ = segmenter.decode(ctx.episodes.embeddings, points, labels, logits if feed_mask else None)
+        full = original_logits(segmenter, logits, e)
+        preds = [(l > MASK_LOGIT_THRESHOLD).cpu().numpy() for l in full]
+        rows.append(episode_ious(full, ctx.gts))
+    clicks_made = torch.arange(1, ctx.oracle_clicks + 1)
+    return Outcome(logits, points, labels, ClickCurve(torch.stack(rows), clicks_made, clicks_made))
+
+
+RUNNERS: Dict[str, Callable[[BatchContext], Outcome]] = {
+    "agent": agent, "centre": centre, "random": random, "grid_srm": grid_srm, "no_rl": no_rl,
+    "no_srm": no_srm, "single_step": single_step, "clip_surgery": clip_surgery, "persam": persam,
+    "oracle": oracle,
+}
+
+
+def check_strategies(names: Sequence[str], has_matcher: bool) -> List[str]:
+    """Validate a strategy list (errors name ``--strategies``); drops ``clip_surgery`` silently only
+    when it came from the default list and there is no matcher."""
+    unknown = [n for n in names if n not in RUNNERS]
+    if unknown:
+        raise ValueError(f"--strategies: unknown {unknown}; choose from {list(STRATEGIES)}")
+    if "agent" not in names:
+        raise ValueError("--strategies must include 'agent'")
+    if not has_matcher and any(n in NEEDS_MATCHER for n in names):
+        raise ValueError("--strategies: clip_surgery needs a text matcher (an explicit config with model.matcher)")
+    return list(names)
+
+
+def default_strategies(has_matcher: bool) -> List[str]:
+    """Every strategy that applies (CLIP Surgery points only where the config has a matcher)."""
+    return [n for n in STRATEGIES if has_matcher or n not in NEEDS_MATCHER]
+
+
+@torch.no_grad()
+def persam_prototypes(module: "AlignSAM", samples: Sequence[Dict], chunk: int = 16) -> Dict[int, torch.Tensor]:
+    """PerSAM's target feature per class id: the mean over few-shot training episodes of each
+    episode's mean embedding under its ground truth (on the embedding grid) -> ``{class_id: (C,)}``."""
+    sums: Dict[int, torch.Tensor] = {}
+    counts: Dict[int, int] = {}
+    for start in range(0, len(samples), chunk):
+        part = [samples[i] for i in range(start, min(start + chunk, len(samples)))]
+        episodes, _ = module.prepare(part)
+        features = baselines.masked_mean_feature(episodes.embeddings, episodes.gt_grid)
+        has_target = episodes.gt_grid.flatten(1).sum(1) > 0
+        for sample, feature, ok in zip(part, features, has_target.tolist()):
+            if not ok:
+                continue
+            key = int(sample.get("class_id", 0))
+            sums[key] = sums.get(key, 0) + feature
+            counts[key] = counts.get(key, 0) + 1
+    return {k: (sums[k] / counts[k]).float() for k in sums}
