@@ -1,6 +1,7 @@
 """Pretraining of the tiny SAM on procedural scenes, SAM-style and class-agnostic.
 
-Per image: encode once; per region (object, shadow, pane, blurred area, background component):
+Per image: encode once; per region (object, shadow, pane, blurred area, background component,
+or with ``data.union_share`` the union of all regions of one kind, as the scene tasks' targets):
 a first click uniform inside it, then ``corrective_rounds`` clicks drawn uniformly from the error
 region of the previous prediction (positive on a miss, negative on a false positive), as in SAM's
 training. Round 0 supervises the best of the three multimask outputs (focal + Dice) and the
@@ -28,7 +29,7 @@ from alignsam.data.scenes import REGION_KINDS
 from alignsam.foundation.segmenter import prompt_and_decode
 from alignsam.foundation.tiny import TinySamArch, build_tiny_sam, build_tiny_segmenter, save_tiny_sam
 from alignsam.losses import dice_loss, focal_loss, mask_iou
-from alignsam.pretrain.regions import SceneRegionStream
+from alignsam.pretrain.regions import UNION_KINDS, SceneRegionStream
 from alignsam.pretrain.schedule import warmup_cosine
 
 
@@ -150,15 +151,20 @@ class TinySamPretraining(L.LightningModule):
         loss = mask_loss + self.hparams.iou_weight * iou_loss
         return loss, low_res[rows, keep][:, None].detach(), actual_iou[rows, keep], iou_loss.detach()
 
-    def _corrective_clicks(self, low_res: torch.Tensor, gt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _corrective_clicks(
+        self, low_res: torch.Tensor, gt: torch.Tensor, gt_low: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Clicks in the low-res error region, jittered inside the cell, labelled at full res.
 
         Each click is uniform in the error region (SAM's sampler) or, for a random
         ``largest_error_share`` of them, at the interior of the largest error region.
-        low_res ``(N, 1, h', w')``, gt bool ``(N, S, S)`` -> points ``(N, 2)`` (SAM frame), labels ``(N,)``.
+        low_res ``(N, 1, h', w')``, gt bool ``(N, S, S)``, gt_low bool ``(N, h', w')`` on the CPU (the
+        ground truth in the low-res frame, majority vote of each cell; computed from ``gt`` if None)
+        -> points ``(N, 2)`` (SAM frame), labels ``(N,)``.
         """
         cell = gt.shape[-1] // low_res.shape[-1]
-        gt_low = (F.avg_pool2d(gt[:, None].float(), cell)[:, 0] > 0.5).cpu()
+        if gt_low is None:
+            gt_low = (F.avg_pool2d(gt[:, None].float(), cell)[:, 0] > 0.5).cpu()
         pred_low = (low_res[:, 0] > 0).cpu()
         points, _ = random_error_clicks(pred_low, gt_low, self.click_generator)
         if self.hparams.largest_error_share > 0:
@@ -181,12 +187,13 @@ class TinySamPretraining(L.LightningModule):
         gt = masks.flatten(0, 1)  # (N, S, S)
         low_hw = 4 * embeddings.shape[-1]
         target = F.adaptive_avg_pool2d(gt[:, None].float(), low_hw)[:, 0]  # (N, 4h, 4w)
-        points = random_clicks_in(gt.cpu(), self.click_generator).to(self.device)[:, None]  # (N, 1, 2)
+        gt_low = (target > 0.5).cpu()  # the corrective clicks' ground truth, once per step
+        points = random_clicks_in(gt, self.click_generator)[:, None]  # (N, 1, 2), on gt's device
         labels = torch.ones(len(gt), 1, dtype=torch.long, device=self.device)
         loss, low_res, iou, iou_mse = self._round(embeddings, points, labels, target, None, first=True)
         first_iou = iou.mean()
         for _ in range(self.hparams.corrective_rounds):
-            new_points, new_labels = self._corrective_clicks(low_res, gt)
+            new_points, new_labels = self._corrective_clicks(low_res, gt, gt_low)
             points = torch.cat([points, new_points[:, None]], 1)
             labels = torch.cat([labels, new_labels[:, None]], 1)
             use_mask = torch.rand((), generator=self.click_generator).item() < self.hparams.mask_input_prob
@@ -200,7 +207,7 @@ class TinySamPretraining(L.LightningModule):
              "train/iou_head_mse": iou_mse},
             prog_bar=True,
         )
-        for k, name in enumerate(REGION_KINDS):
+        for k, name in enumerate(REGION_KINDS + UNION_KINDS):
             selected = kinds.flatten() == k
             if selected.any():
                 self.log(f"train_kind/{name}_last_iou", iou[selected].mean())
@@ -234,18 +241,23 @@ class SceneRegionData(L.LightningDataModule):
         regions_per_image, min_area, seed: see :class:`SceneRegionStream`.
         num_workers: DataLoader workers (scene rendering is cheap; 1 is enough on 2 cores).
         kind_weights: relative odds of each region kind (see :func:`sample_regions`).
+        union_share: share of targets that are the union of all regions of one kind in the scene
+            (all shadows, all blurred areas, all panes, all instances of a category), as the scene
+            tasks' ground truth is (see :func:`alignsam.pretrain.regions.union_targets`); 0 = off.
     """
 
     def __init__(self, batch_size: int = 16, regions_per_image: int = 4, min_area: int = 150,
-                 seed: int = 0, num_workers: int = 1, kind_weights: Optional[Dict[str, float]] = None) -> None:
+                 seed: int = 0, num_workers: int = 1, kind_weights: Optional[Dict[str, float]] = None,
+                 union_share: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        stream = SceneRegionStream(h.regions_per_image, "train", h.seed, h.min_area, kind_weights=h.kind_weights)
+        stream = SceneRegionStream(h.regions_per_image, "train", h.seed, h.min_area, kind_weights=h.kind_weights,
+                                   union_share=h.union_share)
         return DataLoader(stream, batch_size=h.batch_size, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0)
+                          persistent_workers=h.num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
 def main() -> None:
