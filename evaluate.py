@@ -1,11 +1,15 @@
-"""Evaluate an AlignSAM agent against baselines and ablations: ``python evaluate.py --config ... --ckpt_path ...``.
+"""Evaluate a trained AlignSAM agent against its ablations and the baselines, or predict on new images.
 
-Not built yet (issue "evaluate.py"): it will score a trained agent on the task's test split beside
-centre / random / grid / SRM-only (w/o RL) / all-positive (w/o SRM) / single-step / CLIP Surgery
-point / PerSAM-style / oracle-click baselines on the same cached embeddings, print and save the table
-(Markdown, CSV, TensorBoard), and predict on folders of new images.
+    python evaluate.py --config conf/scenes/shadow.yaml --ckpt_path logs/scenes/shadow/version_0/checkpoints/last.ckpt
+    python evaluate.py --config conf/voc.yaml --ckpt_path ... --save_predictions predictions/voc
+    python evaluate.py --config ... --ckpt_path ... --strategies '[agent, no_rl, oracle]'
+    python evaluate.py predict --ckpt_path ... --images my_photos/ --out predictions/mine [--text cat]
+
+The first form (the ``test`` subcommand, implied) scores every strategy of
+alignsam/evaluation/strategies.py on the test split with the same cached embeddings and writes the
+table to ``<run>/evaluation/test.md`` / ``test.csv`` (and TensorBoard). See README "Evaluation".
 """
-import sys
+from alignsam.cli import evaluate_main
 
 if __name__ == "__main__":
-    sys.exit(__doc__ + "\nevaluate.py is not implemented yet.")
+    evaluate_main()

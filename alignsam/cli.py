@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
@@ -58,12 +59,12 @@ class AlignSAMCLI(LightningCLI):
         if self.config[self.subcommand].get("precompute", True):
             self.precompute()
 
-    def precompute(self) -> None:
-        """Fill the feature cache for the train and val splits (a no-op where it is already full)."""
+    def precompute(self, splits=("train_dataset", "val_dataset")) -> None:
+        """Fill the feature cache for the given splits (a no-op where it is already full)."""
         model, data = self.model, self.datamodule
         device = "gpu" if self.trainer.strategy.root_device.type == "cuda" else "cpu"
         callbacks = [RichProgressBar()] if self.trainer.progress_bar_callback is not None else []
-        for name in ("train_dataset", "val_dataset"):
+        for name in splits:
             dataset = getattr(data, name, None)
             if dataset is None:
                 continue
@@ -88,3 +89,94 @@ class AlignSAMCLI(LightningCLI):
 
 def main(args=None) -> None:
     AlignSAMCLI(args=args)
+
+
+class EvaluateCLI(AlignSAMCLI):
+    """``evaluate.py``: the ``test`` subcommand over a trained checkpoint, scoring every strategy of
+    :mod:`alignsam.evaluation.strategies` and writing the results table next to the checkpoint's run
+    (``<run>/evaluation/test.md``, ``test.csv`` and TensorBoard events)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", None)  # no logger, no run directory of its own
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--strategies", type=Optional[List[str]], default=None,
+                            help="strategies to score (default: all that apply; see alignsam/evaluation/strategies.py)")
+        parser.add_argument("--oracle_clicks", type=int, default=20, help="clicks of the oracle (its NoC cap)")
+        parser.add_argument("--save_predictions", type=Optional[str], default=None,
+                            help="folder for the agent's masks and overlays (masks/, overlays/)")
+        parser.add_argument("--results_dir", type=Optional[str], default=None,
+                            help="where the tables go (default: <the checkpoint's run>/evaluation)")
+
+    def _instantiate_trainer(self, config: Dict, callbacks: list):
+        config = dict(config, logger=False)  # the tables and events go next to the checkpoint's run
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_test(self) -> None:
+        from alignsam.evaluation.predict import PredictionSaver
+        from alignsam.evaluation.strategies import check_strategies
+
+        options = self.config[self.subcommand]
+        ckpt = options.get("ckpt_path")
+        if not ckpt:
+            raise SystemExit("evaluate.py: --ckpt_path is required (a checkpoint written by train.py)")
+        if not Path(ckpt).is_file():
+            raise SystemExit(f"evaluate.py: --ckpt_path: no checkpoint file at {ckpt}")
+        if options.get("oracle_clicks", 20) < 1:
+            raise SystemExit("evaluate.py: --oracle_clicks must be >= 1")
+        model = self.model
+        if options.get("strategies"):
+            model.test_strategies = check_strategies(options["strategies"], model.matcher is not None)
+        model.oracle_clicks = options.get("oracle_clicks", 20)
+        if options.get("save_predictions"):
+            model.prediction_hook = PredictionSaver(options["save_predictions"], model.segmenter)
+        if options.get("precompute", True):
+            self.precompute(("train_dataset", "test_dataset"))
+
+    def after_test(self) -> None:
+        from alignsam.evaluation.tables import write_tables
+
+        model, options = self.model, self.config[self.subcommand]
+        if not self.trainer.is_global_zero or not model.test_table:
+            return
+        ckpt = Path(options["ckpt_path"]).resolve()
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out_dir = Path(options.get("results_dir") or run_dir / "evaluation")
+        env = model.env_config
+        seeds = "the SRM's 2 seed prompts + " if env.init_prompts == "srm" else ""
+        header = (f"# {model.hparams.task}: test split, checkpoint {ckpt}\n\n"
+                  f"T = {env.steps} clicks ({seeds}T for the agent), grid {env.grid}x{env.grid}, "
+                  f"oracle {model.oracle_clicks} clicks. Metrics at original resolution; "
+                  f"iou@k = mean per-episode IoU after k clicks; NoC counts every prompt SAM received. "
+                  f"Strategies: alignsam/evaluation/strategies.py.")
+        md, csv_path = write_tables(out_dir, "test", model.test_table, model.hparams.task, env.steps, header)
+        self._log_to_tensorboard(out_dir, md.read_text())
+        print("\n" + md.read_text())
+        print(f"written: {md}, {csv_path}")
+        if model.prediction_hook is not None:
+            print(f"predictions: {model.prediction_hook.written} episode(s) in {options['save_predictions']}")
+
+    def _log_to_tensorboard(self, out_dir: Path, markdown: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out_dir)) as writer:
+            writer.add_text("test/table", markdown, 0)
+            for strategy, row in self.model.test_table.items():
+                for column, value in row.items():
+                    writer.add_scalar(f"test_{strategy}/{column}", value, 0)
+
+
+def evaluate_main(args=None) -> None:
+    """``evaluate.py``: ``test`` (implied) on a dataset split, or ``predict`` on a folder of images."""
+    import sys
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "predict":
+        from alignsam.evaluation.predict import main as predict_main
+
+        raise SystemExit(predict_main(argv[1:]))
+    if not argv or argv[0] not in ("test", "-h", "--help"):
+        argv.insert(0, "test")
+    EvaluateCLI(args=argv)

@@ -12,7 +12,7 @@ enter the checkpoint (:func:`~alignsam.foundation.frozen.frozen_submodule`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import lightning as L
@@ -78,6 +78,13 @@ class Rollout:
 torch.serialization.add_safe_globals([SegmenterConfig, EnvConfig, PolicyConfig, SRMConfig, PPOConfig])
 
 
+def _config(cls, value):
+    """A config dataclass from itself or from a dict of its fields (errors name the bad key)."""
+    if isinstance(value, dict):
+        return cls(**value)
+    return value
+
+
 class AlignSAM(L.LightningModule):
     """The agent (policy + SRM) and its frozen foundation models.
 
@@ -113,6 +120,9 @@ class AlignSAM(L.LightningModule):
         log_images: int = 4,
     ) -> None:
         super().__init__()
+        # the configs may come as dicts (LightningCLI, or a checkpoint's hyperparameters)
+        segmenter, env, policy = _config(SegmenterConfig, segmenter), _config(EnvConfig, env), _config(PolicyConfig, policy)
+        srm, ppo = _config(SRMConfig, srm), _config(PPOConfig, ppo)
         self.save_hyperparameters()
         self.automatic_optimization = False
         explicit = policy.variant == "explicit" or srm.branch == "explicit"
@@ -338,6 +348,8 @@ class AlignSAM(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_table = self._evaluator.compute()
+        if self.prediction_hook is not None and hasattr(self.prediction_hook, "finish"):
+            self.prediction_hook.finish(self._evaluator)
         self._log_table("test", self.test_table)
 
     def _log_table(self, stage: str, table: Dict[str, Dict[str, float]]) -> None:
@@ -387,6 +399,9 @@ class AlignSAM(L.LightningModule):
 
     # -- checkpoints: the sampler state makes a resumed run identical to an uninterrupted one -------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # plain dicts, as LightningCLI records them, so that evaluate.py --ckpt_path can parse them back
+        hparams = checkpoint.get("hyper_parameters", {})
+        checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
         checkpoint["alignsam"] = {"generator": self.generator.get_state(), "baselines": self._baseline_results}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

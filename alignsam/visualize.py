@@ -13,12 +13,13 @@ Inputs are checked; a wrong dtype or shape raises ``ValueError`` naming the argu
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+
+from alignsam.atomic import write_bytes_atomic
 
 Colour = Tuple[int, int, int]
 
@@ -300,15 +301,5 @@ def save_png(path: Union[str, os.PathLike], image: np.ndarray) -> Path:
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode a PNG for {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(encoded.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, encoded.tobytes())
     return path

@@ -20,7 +20,8 @@ clip_surgery   CLIP Surgery's point recipe: the ceil(T/2) patches of highest tex
 persam         PerSAM-style, training-free: cosine similarity of each embedding cell to the mean target
                feature of the few-shot training images; best cell positive, worst negative
 oracle         the standard click simulator: each next click at the interior of the largest error
-               region, labelled by the ground truth (an upper bound, not a competitor)
+               region, labelled by the ground truth (an upper bound, not a competitor); its metrics
+               are those after T clicks, its click curve and NoC go on to ``--oracle_clicks``
 =============  ==========================================================================================
 
 The ablations reuse the trained agent's networks; no strategy sees the test ground truth except the
@@ -195,17 +196,18 @@ def persam(ctx: BatchContext) -> Outcome:
 
 
 def oracle(ctx: BatchContext) -> Outcome:
-    """``ctx.oracle_clicks`` clicks of the standard simulator, each from the previous mask's
-    largest error region at original resolution; finished episodes get padding (label -1)."""
+    """Clicks of the standard simulator, each from the previous mask's largest error region at
+    original resolution; finished episodes get padding (label -1). The outcome's mask and prompts
+    are those after T clicks (the agent's budget); the curve goes on to ``ctx.oracle_clicks``."""
     segmenter, e = ctx.module.segmenter, ctx.embedded
     gts = [g.numpy() for g in ctx.gts]
     b, device = len(gts), ctx.episodes.embeddings.device
     preds = [np.zeros_like(g) for g in gts]
     points = torch.zeros(b, 0, 2, device=device)
     labels = torch.zeros(b, 0, dtype=torch.long, device=device)
-    logits, rows = None, []
+    logits, rows, at_budget = None, [], None
     feed_mask = ctx.module.env_config.feed_mask_input
-    for _ in range(ctx.oracle_clicks):
+    for click_index in range(1, max(ctx.oracle_clicks, ctx.steps) + 1):
         clicks, click_labels = [], []
         for pred, gt in zip(preds, gts):
             click = oracle_next_click(pred, gt)
@@ -222,8 +224,11 @@ def oracle(ctx: BatchContext) -> Outcome:
         full = original_logits(segmenter, logits, e)
         preds = [(l > MASK_LOGIT_THRESHOLD).cpu().numpy() for l in full]
         rows.append(episode_ious(full, ctx.gts))
-    clicks_made = torch.arange(1, ctx.oracle_clicks + 1)
-    return Outcome(logits, points, labels, ClickCurve(torch.stack(rows), clicks_made, clicks_made))
+        if click_index == ctx.steps:
+            at_budget = Outcome(logits, points, labels)
+    clicks_made = torch.arange(1, len(rows) + 1)
+    at_budget.curve = ClickCurve(torch.stack(rows), clicks_made, clicks_made)
+    return at_budget
 
 
 RUNNERS: Dict[str, Callable[[BatchContext], Outcome]] = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alignsam.atomic import write_bytes_atomic
 from alignsam.geometry import MASK_LOGIT_THRESHOLD
 from alignsam.visualize import PREDICTION_COLOUR, draw_clicks, overlay_mask, save_png
 
@@ -163,18 +163,7 @@ def _output_paths(out_dir: PathLike, stem: str) -> Dict[str, Path]:
 
 
 def _write_png(path: Path, im: Image.Image) -> None:
-    """Encode ``im`` as PNG and write it atomically (the same scheme as ``visualize.save_png``,
-    which only writes RGB)."""
+    """Encode ``im`` (any PIL mode: grey, palette, RGB) as PNG and write it atomically."""
     buffer = io.BytesIO()
     im.save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, buffer.getvalue())

@@ -41,5 +41,9 @@ class LabelMapAssembler:
             targets.append(torch.from_numpy(self._target[image_id].astype(np.int64)))
         return preds, targets
 
+    def image_ids(self) -> List[str]:
+        """Image ids in arrival order (the order of :meth:`label_maps`)."""
+        return list(self._best)
+
     def __len__(self) -> int:
         return len(self._best)

@@ -1,0 +1,165 @@
+"""Writing an agent's predictions: ``evaluate.py --save_predictions DIR`` on a dataset split, and
+``evaluate.py predict`` on a folder of new images (no ground truth).
+
+Both write, per episode, ``DIR/masks/<stem>.png`` (the mask at the image's original resolution)
+and ``DIR/overlays/<stem>.png`` (the mask and the numbered clicks over the image), through
+:mod:`alignsam.evaluation.writer`; the semantic tasks also get one label map per image under
+``DIR/label_maps/``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from alignsam.evaluation.images import ImageFolderError, iter_images, list_images, output_stems
+from alignsam.evaluation.writer import save_binary_prediction, save_label_map_prediction
+from alignsam.geometry import sam_to_original_points
+
+log = logging.getLogger(__name__)
+
+
+def safe_stem(text: str) -> str:
+    """A file-name-safe stem from an episode id (``voc/2007_000032/cat`` -> ``voc_2007_000032_cat``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "episode"
+    return stem[:120]
+
+
+def _clicks_in_original_frame(outcome, embedded, segmenter):
+    points = sam_to_original_points(outcome.points.float(), embedded.original_hw, segmenter.img_size)
+    return points.cpu().numpy(), outcome.labels.cpu().numpy()
+
+
+class PredictionSaver:
+    """The evaluator's hook for the agent's predictions on a dataset split (``--save_predictions``)."""
+
+    def __init__(self, out_dir: str, segmenter) -> None:
+        self.out_dir = Path(out_dir)
+        self.segmenter = segmenter
+        self.written = 0
+        self._images: Dict[str, object] = {}  # image_id -> image, for the semantic tasks' label maps
+
+    def __call__(self, batch: List[Dict], embedded, outcome, logits: List[torch.Tensor]) -> None:
+        points, labels = _clicks_in_original_frame(outcome, embedded, self.segmenter)
+        for i, sample in enumerate(batch):
+            keep = labels[i] >= 0
+            save_binary_prediction(self.out_dir, safe_stem(sample["id"]), sample["image"], logits[i].cpu(),
+                                   points[i][keep], labels[i][keep])
+            self.written += 1
+            if "label_map" in sample:
+                self._images.setdefault(str(sample["image_id"]), sample["image"])
+
+    def finish(self, evaluator) -> None:
+        """Label maps of the semantic tasks, assembled over all of an image's episodes."""
+        if not evaluator.scores.semantic:
+            return
+        assembler = evaluator.scores.assemblers["agent"]
+        preds, _ = assembler.label_maps()
+        for image_id, pred in zip(assembler.image_ids(), preds):
+            save_label_map_prediction(self.out_dir / "label_maps", safe_stem(image_id), self._images[image_id], pred.numpy())
+
+
+# -- evaluate.py predict: a folder of new images ---------------------------------------------------
+def episode_text(module, text: Optional[str]) -> str:
+    """The text of every episode: ``--text``, else the task's own word (binary tasks only)."""
+    from alignsam.data.scenes import TASK_TEXT
+    from alignsam.metrics.tasks import SEMANTIC_TASKS
+
+    task = module.hparams.task
+    if text:
+        return text
+    if task in SEMANTIC_TASKS:
+        raise ValueError(f"--text is required for the {task} task: the class to segment (e.g. --text cat)")
+    return TASK_TEXT.get(task, task)
+
+
+@torch.no_grad()
+def predict_folder(module, images_dir: str, out_dir: str, text: Optional[str] = None, batch_size: int = 8):
+    """Run the agent on every readable image of ``images_dir``; returns ``(written, failures)`` with
+    failures a list of ``(path, reason)`` for the files that could not be read (they are skipped)."""
+    text = episode_text(module, text)
+    paths = list_images(images_dir)
+    stems = output_stems(paths)
+    written, failures, pending = 0, [], []
+
+    def flush() -> int:
+        if not pending:
+            return 0
+        samples = [{"image": r.image, "text": text, "id": stems[r.path], "image_id": stems[r.path]} for r in pending]
+        episodes, embedded = module.prepare(samples, with_gt=False)
+        rollout = module.rollout(episodes, training=False, greedy=True)
+        points = sam_to_original_points(rollout.points.float(), embedded.original_hw, module.segmenter.img_size)
+        for i, (result, sample) in enumerate(zip(pending, samples)):
+            logits = module.segmenter.logits_to_original(rollout.final_logits[i], embedded, i)[0].float().cpu()
+            save_binary_prediction(out_dir, sample["id"], result.image, logits, points[i].cpu().numpy(),
+                                   rollout.point_labels[i].cpu().numpy())
+            log.info("%s -> %s", result.path, sample["id"])
+        count = len(pending)
+        pending.clear()
+        return count
+
+    for result in iter_images(paths):
+        if not result.ok:
+            failures.append((result.path, result.error))
+            continue
+        pending.append(result)
+        if len(pending) == batch_size:
+            written += flush()
+    written += flush()
+    return written, failures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py predict",
+        description="Run a trained AlignSAM agent on a folder of images without ground truth.")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--images", required=True, help="folder of images (any size; RGB, grey or RGBA; EXIF orientation honoured)")
+    parser.add_argument("--out", required=True, help="output folder: masks/ and overlays/ are written into it")
+    parser.add_argument("--text", default=None, help="episode text (the class name for voc / categories; default: the task's word)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--segmenter_checkpoint", default=None,
+                        help="SAM weights, when they are not where the checkpoint's model.segmenter.checkpoint says")
+    parser.add_argument("--feature_cache", default=None, help="feature cache directory (default: the checkpoint's)")
+    return parser
+
+
+def load_agent(ckpt_path: str, device: str, segmenter_checkpoint: Optional[str] = None, feature_cache: Optional[str] = None):
+    """The trained agent from a train.py checkpoint (its configs come from the checkpoint)."""
+    from alignsam.module import AlignSAM, SegmenterConfig
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {path}")
+    overrides = {}
+    if segmenter_checkpoint:
+        stored = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["segmenter"]
+        name = stored["name"] if isinstance(stored, dict) else stored.name
+        overrides["segmenter"] = SegmenterConfig(name, segmenter_checkpoint)
+    if feature_cache:
+        overrides["feature_cache"] = feature_cache
+    module = AlignSAM.load_from_checkpoint(str(path), map_location=device, **overrides)
+    return module.to(device).eval()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    if args.batch_size < 1:
+        raise SystemExit("--batch_size must be >= 1")
+    try:
+        module = load_agent(args.ckpt_path, args.device, args.segmenter_checkpoint, args.feature_cache)
+        episode_text(module, args.text)  # fails before any image is read
+        written, failures = predict_folder(module, args.images, args.out, args.text, args.batch_size)
+    except (FileNotFoundError, ImageFolderError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path, reason in failures:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{written} prediction(s) written to {args.out} (masks/, overlays/); {len(failures)} unreadable file(s) skipped")
+    return 0 if written else 1
