@@ -81,10 +81,11 @@ def build_tiny_sam(arch: TinySamArch = TinySamArch()) -> Sam:
 
 
 def save_tiny_sam(sam: Sam, arch: TinySamArch, path: str, **meta) -> None:
-    """Write ``{"arch", "state_dict", "meta"}`` atomically (fp16 weights keep the file small)."""
+    """Write ``{"arch", "state_dict", "meta"}`` atomically (fp16 weights keep the file small; CPU tensors,
+    so that a file written on a GPU loads anywhere without ``map_location``)."""
     import os
 
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in sam.state_dict().items()}
+    state = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in sam.state_dict().items()}
     tmp = f"{path}.tmp"
     torch.save({"arch": asdict(arch), "state_dict": state, "meta": meta}, tmp)
     os.replace(tmp, path)
