@@ -13,9 +13,9 @@ from alignsam.pretrain.tiny_sam import TinySamPretraining
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_sam.pt"
 # Quality measured for the shipped file (checkpoints/README.md, all regions of 40 test scenes per task);
-# the suite asks for 90% of it on a smaller set. The targets (0.65 and 0.80) are not met yet.
-MEASURED_IOU_FIRST_CLICK = 0.626
-MEASURED_IOU_SIXTH_CLICK = 0.686
+# the suite asks for 90% of it on a smaller set. The 0.65 after one click is met, 0.80 after six is not.
+MEASURED_IOU_FIRST_CLICK = 0.664
+MEASURED_IOU_SIXTH_CLICK = 0.772
 
 
 def test_region_components_cover_every_kind_of_scene():
