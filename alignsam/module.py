@@ -350,7 +350,8 @@ class AlignSAM(L.LightningModule):
         self.test_table = self._evaluator.compute()
         if self.prediction_hook is not None and hasattr(self.prediction_hook, "finish"):
             self.prediction_hook.finish(self._evaluator)
-        self._log_table("test", self.test_table)
+        if self.logger is not None:  # evaluate.py has none: it writes the table and its own events
+            self._log_table("test", self.test_table)
 
     def _log_table(self, stage: str, table: Dict[str, Dict[str, float]]) -> None:
         """``<stage>/<metric>`` for the agent, ``<stage>_<strategy>/<metric>`` for the others and
