@@ -7,7 +7,8 @@ What :class:`alignsam.module.AlignSAM` logs there, and at which step:
   (mean low-res IoU of the rollout's final masks on that batch), ``train/return``, ...;
 * every validation logs the agent's task metrics ``val/<metric>``, the baselines'
   ``val_centre/<metric>``, ``val_random/<metric>``, and the agent's IoU after each click,
-  ``val_iou_curve/step_NN`` (original size; NN counts prompts, seeds included). Runs made before
+  ``val_iou_curve/step_NN`` (original size; NN counts the agent's clicks, 00 = after its seed
+  prompts only). Runs made before
   the evaluation refactor logged the greedy low-res IoU of the final masks,
   ``val/final_iou_low_res``, instead; the figure uses that when present, else the last click's
   ``val_iou_curve`` tag;
