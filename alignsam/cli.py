@@ -100,6 +100,11 @@ class EvaluateCLI(AlignSAMCLI):
         kwargs.setdefault("save_config_callback", None)  # no logger, no run directory of its own
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> Dict[str, set]:
+        """Only ``test``: folders of new images go through ``evaluate.py predict`` (our own parser)."""
+        return {"test": LightningCLI.subcommands()["test"]}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--strategies", type=Optional[List[str]], default=None,
@@ -177,6 +182,10 @@ def evaluate_main(args=None) -> None:
         from alignsam.evaluation.predict import main as predict_main
 
         raise SystemExit(predict_main(argv[1:]))
-    if not argv or argv[0] not in ("test", "-h", "--help"):
-        argv.insert(0, "test")
-    EvaluateCLI(args=argv)
+    if not argv or argv[0] != "test":
+        argv.insert(0, "test")  # also for -h: the help of test, whose options are evaluate.py's
+    if args is None:
+        sys.argv[1:] = argv
+        EvaluateCLI()
+    else:
+        EvaluateCLI(args=argv)

@@ -220,3 +220,14 @@ def test_predict_needs_a_class_name_for_the_semantic_tasks(trained, tmp_path, ca
     with pytest.raises(SystemExit) as exit_:
         evaluate_main(["predict", "--ckpt_path", str(ckpt), "--images", str(images), "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2 and "--text is required" in capsys.readouterr().err
+
+
+def test_evaluate_py_help_lists_its_own_options():
+    import subprocess
+
+    for args, expected in ((["--help"], "--save_predictions"), (["predict", "--help"], "--images")):
+        out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert expected in out.stdout
+        assert "fit" not in out.stdout.split("usage:")[1].split("\n")[0]  # only evaluate.py's own commands
