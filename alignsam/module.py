@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from alignsam.evaluation.evaluator import Evaluator
+from alignsam.evaluation.scoring import original_logits
 from alignsam.data.features import FeatureStore
 from alignsam.foundation.frozen import frozen_submodule
 from alignsam.foundation.segmenter import EmbeddedImages, build_segmenter
@@ -54,7 +55,8 @@ class Rollout:
     rewards, labels ``(T, B)``; bootstrap_value ``(B,)`` V(s_T); final_mask ``(B, 1, h, w)``;
     final_logits ``(B, 1, 4h, 4w)``; iou_curve ``(T + 1, B)`` low-res IoU after P_0 and each step
     (None without ground truth); points ``(B, n, 2)`` and point_labels ``(B, n)`` every prompt, SAM frame;
-    step_logits ``(T + 1, B, 1, 4h, 4w)`` SAM's logits after P_0 and after each step.
+    step_logits: T + 1 tensors ``(B, 1, 4h, 4w)``, SAM's logits after P_0 and after each step (the
+    env's own list, not stacked: training never reads it).
     """
 
     masks: torch.Tensor
@@ -70,7 +72,7 @@ class Rollout:
     iou_curve: Optional[torch.Tensor]
     points: torch.Tensor
     point_labels: torch.Tensor
-    step_logits: torch.Tensor
+    step_logits: List[torch.Tensor]
 
 
 # The config dataclasses are hyperparameters, hence in every checkpoint: allow them for
@@ -150,7 +152,7 @@ class AlignSAM(L.LightningModule):
         self.generator = torch.Generator().manual_seed(seed)
         self.validation_table: Dict[str, Dict[str, float]] = {}
         self.test_table: Dict[str, Dict[str, float]] = {}
-        # set by evaluate.py (AlignSAM.configure_evaluation) before trainer.test
+        # set by evaluate.py (EvaluateCLI.before_test) before trainer.test
         self.test_strategies: Optional[List[str]] = None
         self.oracle_clicks = 20
         self.prediction_hook = None
@@ -220,7 +222,7 @@ class AlignSAM(L.LightningModule):
             values=stack("values"), rewards=stack("rewards"), labels=stack("labels"),
             bootstrap_value=bootstrap.float(), final_mask=final_mask, final_logits=env.logits,
             iou_curve=torch.stack(env.iou_history) if env.iou_history else None,
-            points=env.points, point_labels=env.labels, step_logits=torch.stack(env.logits_history),
+            points=env.points, point_labels=env.labels, step_logits=env.logits_history,
         )
 
     # -- training ------------------------------------------------------------------------------------
@@ -372,8 +374,9 @@ class AlignSAM(L.LightningModule):
         n = min(self.hparams.log_images, len(batch))
         points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], self.segmenter.img_size)
         panels = []
+        logits = original_logits(self.segmenter, outcome.logits[:n], embedded)
         for i in range(n):
-            mask = self.segmenter.logits_to_original(outcome.logits[i], embedded, i)[0] > MASK_LOGIT_THRESHOLD
+            mask = logits[i] > MASK_LOGIT_THRESHOLD
             panels.append(episode_panel(batch[i]["image"], np.asarray(batch[i]["mask"], bool), mask.cpu().numpy(),
                                         points[i].cpu().numpy(), outcome.labels[i].cpu().numpy(),
                                         title=f"{batch[i]['id']} ({batch[i].get('text', '')})"))

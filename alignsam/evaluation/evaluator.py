@@ -58,7 +58,7 @@ class Evaluator:
         for name in self.strategies:
             outcome = RUNNERS[name](ctx)
             logits = original_logits(self.module.segmenter, outcome.logits, embedded)
-            self.scores.add(name, batch, logits)
+            self.scores.add(name, batch, logits, ctx.gts)
             if outcome.curve is not None:
                 self.scores.add_curve(name, outcome.curve)
             if name == "agent" and self.on_agent is not None:

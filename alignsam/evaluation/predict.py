@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from alignsam.evaluation.images import ImageFolderError, iter_images, list_images, output_stems
+from alignsam.evaluation.scoring import original_logits
 from alignsam.evaluation.writer import save_binary_prediction, save_label_map_prediction
 from alignsam.geometry import sam_to_original_points
 
@@ -30,9 +31,10 @@ def safe_stem(text: str) -> str:
     return stem[:120]
 
 
-def _clicks_in_original_frame(outcome, embedded, segmenter):
-    points = sam_to_original_points(outcome.points.float(), embedded.original_hw, segmenter.img_size)
-    return points.cpu().numpy(), outcome.labels.cpu().numpy()
+def _clicks_in_original_frame(points, labels, embedded, segmenter):
+    """SAM-frame prompts ``(B, n, 2)``, ``(B, n)`` -> numpy ``(x, y)`` in each original frame, labels."""
+    points = sam_to_original_points(points.float(), embedded.original_hw, segmenter.img_size)
+    return points.cpu().numpy(), labels.cpu().numpy()
 
 
 class PredictionSaver:
@@ -45,7 +47,7 @@ class PredictionSaver:
         self._images: Dict[str, object] = {}  # image_id -> image, for the semantic tasks' label maps
 
     def __call__(self, batch: List[Dict], embedded, outcome, logits: List[torch.Tensor]) -> None:
-        points, labels = _clicks_in_original_frame(outcome, embedded, self.segmenter)
+        points, labels = _clicks_in_original_frame(outcome.points, outcome.labels, embedded, self.segmenter)
         for i, sample in enumerate(batch):
             keep = labels[i] >= 0
             save_binary_prediction(self.out_dir, safe_stem(sample["id"]), sample["image"], logits[i].cpu(),
@@ -93,11 +95,10 @@ def predict_folder(module, images_dir: str, out_dir: str, text: Optional[str] = 
         samples = [{"image": r.image, "text": text, "id": stems[r.path], "image_id": stems[r.path]} for r in pending]
         episodes, embedded = module.prepare(samples, with_gt=False)
         rollout = module.rollout(episodes, training=False, greedy=True)
-        points = sam_to_original_points(rollout.points.float(), embedded.original_hw, module.segmenter.img_size)
+        points, labels = _clicks_in_original_frame(rollout.points, rollout.point_labels, embedded, module.segmenter)
+        logits = original_logits(module.segmenter, rollout.final_logits, embedded)
         for i, (result, sample) in enumerate(zip(pending, samples)):
-            logits = module.segmenter.logits_to_original(rollout.final_logits[i], embedded, i)[0].float().cpu()
-            save_binary_prediction(out_dir, sample["id"], result.image, logits, points[i].cpu().numpy(),
-                                   rollout.point_labels[i].cpu().numpy())
+            save_binary_prediction(out_dir, sample["id"], result.image, logits[i].cpu(), points[i], labels[i])
             log.info("%s -> %s", result.path, sample["id"])
         count = len(pending)
         pending.clear()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
-import numpy as np
 import torch
 from torchmetrics import MetricCollection
 
@@ -83,15 +82,16 @@ class StrategyScores:
         self.noc: Dict[str, Dict[float, List[torch.Tensor]]] = {}
         self.device = device
 
-    def add(self, name: str, batch: Sequence[Dict], logits: Sequence[torch.Tensor]) -> None:
-        """Final original-size logits ``(H_b, W_b)`` of one batch of episodes."""
+    def add(self, name: str, batch: Sequence[Dict], logits: Sequence[torch.Tensor],
+            gts: Sequence[torch.Tensor]) -> None:
+        """Final original-size logits ``(H_b, W_b)`` of one batch of episodes, with their bool
+        ground truth ``(H_b, W_b)`` (the binary tasks' targets; label maps come from ``batch``)."""
         if self.semantic:
             for sample, logit in zip(batch, logits):
                 self.assemblers[name].add(str(sample["image_id"]), int(sample["class_id"]), logit, sample["label_map"])
             return
         probs = [torch.sigmoid(logit).clamp(0, 1).to(self.device) for logit in logits]
-        gts = [torch.as_tensor(np.asarray(s["mask"], bool), device=self.device) for s in batch]
-        self.metrics[name].update(probs, gts)
+        self.metrics[name].update(probs, [gt.to(self.device) for gt in gts])
 
     def add_curve(self, name: str, curve: ClickCurve) -> None:
         """The click curve of one batch (every batch of a strategy must have the same rows)."""

@@ -91,7 +91,7 @@ class BatchContext:
     generator: torch.Generator
     oracle_clicks: int = 20
     prototypes: Optional[Dict[int, torch.Tensor]] = None
-    _cache: Dict[str, torch.Tensor] = field(default_factory=dict)
+    _cache: Dict[str, object] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -99,7 +99,10 @@ class BatchContext:
 
     @property
     def gts(self) -> List[torch.Tensor]:
-        return [torch.as_tensor(np.asarray(s["mask"], bool)) for s in self.batch]
+        """The episodes' ground truth, bool ``(H_b, W_b)`` on the CPU (converted once per batch)."""
+        if "gts" not in self._cache:
+            self._cache["gts"] = [torch.as_tensor(np.asarray(s["mask"], bool)) for s in self.batch]
+        return self._cache["gts"]
 
     def srm_probs(self) -> torch.Tensor:
         """The SRM's foreground probabilities of the unprompted image ``(B, 1, h, w)`` (E * 1)."""
@@ -239,8 +242,8 @@ RUNNERS: Dict[str, Callable[[BatchContext], Outcome]] = {
 
 
 def check_strategies(names: Sequence[str], has_matcher: bool) -> List[str]:
-    """Validate a strategy list (errors name ``--strategies``); drops ``clip_surgery`` silently only
-    when it came from the default list and there is no matcher."""
+    """Validate a strategy list (errors name ``--strategies``): known names, ``agent`` among them,
+    and ``clip_surgery`` only with a text matcher."""
     unknown = [n for n in names if n not in RUNNERS]
     if unknown:
         raise ValueError(f"--strategies: unknown {unknown}; choose from {list(STRATEGIES)}")

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from alignsam.data.scenes import REGION_KINDS, render_scene
@@ -17,6 +16,20 @@ SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny_sam.pt"
 MEASURED_IOU_FIRST_CLICK = 0.664
 MEASURED_IOU_SIXTH_CLICK = 0.772
 
+
+
+def fit_one_batch(module: TinySamPretraining, batch, steps: int = 12) -> list:
+    """Losses of ``steps`` Adam steps on one batch, with the same clicks each step (a pure fit)."""
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        module.click_generator.manual_seed(0)
+        loss = module.training_step(batch, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 def test_region_components_cover_every_kind_of_scene():
     kinds = set()
@@ -60,15 +73,7 @@ def test_a_few_pretraining_steps_reduce_the_loss():
     module.log = module.log_dict = lambda *a, **k: None
     stream = iter(SceneRegionStream(regions_per_image=2, seed=1))
     batch = [torch.stack(x) for x in zip(*[next(stream) for _ in range(2)])]
-    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        module.click_generator.manual_seed(0)  # same clicks each step: a pure fit of one batch
-        loss = module.training_step(batch, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(module, batch)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 

@@ -1,5 +1,8 @@
 """Union targets for tiny-SAM pretraining: all regions of one kind, in several pieces, as the scene
 tasks' ground truth is; sampled, trained on and scored as rows of their own."""
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
@@ -9,6 +12,9 @@ from alignsam.foundation.segmenter import build_segmenter
 from alignsam.pretrain.evaluate_tiny_sam import click_curves, summarise
 from alignsam.pretrain.regions import UNION_OFFSET, SceneRegionStream, union_targets
 from alignsam.pretrain.tiny_sam import TinySamPretraining
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_tiny_sam import fit_one_batch  # noqa: E402
 
 
 def _pieces(mask: np.ndarray, min_area: int = 150) -> int:
@@ -56,15 +62,7 @@ def test_a_few_steps_on_union_targets_reduce_the_loss():
     stream = iter(SceneRegionStream(regions_per_image=2, seed=1, union_share=1.0, tasks=("shadow",)))
     batch = [torch.stack(x) for x in zip(*[next(stream) for _ in range(2)])]
     assert (batch[2] >= UNION_OFFSET).all()
-    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        module.click_generator.manual_seed(0)  # same clicks each step: a pure fit of one batch
-        loss = module.training_step(batch, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(module, batch)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
