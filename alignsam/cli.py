@@ -148,10 +148,12 @@ class EvaluateCLI(AlignSAMCLI):
             return
         ckpt = Path(options["ckpt_path"]).resolve()
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        out_dir = Path(options.get("results_dir") or run_dir / "evaluation")
+        split = getattr(self.datamodule, "hparams", {}).get("test_split", "test")
+        default_dir = run_dir / ("evaluation" if split == "test" else f"evaluation_{split}")
+        out_dir = Path(options.get("results_dir") or default_dir)
         env = model.env_config
         seeds = "the SRM's 2 seed prompts + " if env.init_prompts == "srm" else ""
-        header = (f"# {model.hparams.task}: test split, checkpoint {ckpt}\n\n"
+        header = (f"# {model.hparams.task}: {split} split, checkpoint {ckpt}\n\n"
                   f"T = {env.steps} clicks ({seeds}T for the agent), grid {env.grid}x{env.grid}, "
                   f"oracle {model.oracle_clicks} clicks. Metrics at original resolution; "
                   f"iou@k = mean per-episode IoU after k clicks; NoC counts every prompt SAM received. "

@@ -78,6 +78,9 @@ class SceneDataModule(_FewShotDataModule):
         train_pool: scenes in the train range the few-shot set is drawn from.
         train_size: few-shot training scenes (paper protocol: 50), drawn with ``subset_seed``.
         val_size, test_size: scenes of the val and test ranges (the first ones, so fixed).
+        test_split: the scenes ``trainer.test`` / ``evaluate.py`` score: ``test`` (default) or ``val``
+            (the ``val_size`` validation scenes: every strategy on validation, for choosing a config
+            before the test split is looked at).
         text: episode text of binary tasks (default the task word, e.g. ``shadow``).
         Others as in :class:`~alignsam.data.datamodule.BinaryMaskDataModule`.
     """
@@ -91,6 +94,7 @@ class SceneDataModule(_FewShotDataModule):
         train_ids_file: Optional[str] = None,
         val_size: int = 64,
         test_size: int = 200,
+        test_split: str = "test",
         text: Optional[str] = None,
         augment_views: int = 0,
         augment: AugmentConfig = AugmentConfig(),
@@ -100,6 +104,8 @@ class SceneDataModule(_FewShotDataModule):
         fewshot_ids_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if test_split not in ("test", "val"):
+            raise DataConfigError("data.test_split", f"'{test_split}' is not a split to score; use test or val")
         self.save_hyperparameters(ignore=["augment"])
         self.augment = augment
         self._pools = {
@@ -107,6 +113,8 @@ class SceneDataModule(_FewShotDataModule):
             "val": SceneImages(task, range(SPLIT_SEED_BASE["val"], SPLIT_SEED_BASE["val"] + val_size), text),
             "test": SceneImages(task, range(SPLIT_SEED_BASE["test"], SPLIT_SEED_BASE["test"] + test_size), text),
         }
+        if test_split == "val":
+            self._pools["test"] = self._pools["val"]
         check: CheckFiles = "none"
         self._prepare(train_size=train_size, subset_seed=subset_seed, train_ids_file=train_ids_file,
                       val_size=None, augment_views=augment_views, augment=augment, check_files=check,

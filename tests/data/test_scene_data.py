@@ -83,6 +83,14 @@ def test_scene_datamodule_categories_is_episodic():
     assert dm.num_classes == 1 + len(CATEGORY_NAMES)
 
 
+def test_test_split_val_scores_the_validation_scenes():
+    dm = SceneDataModule("glass", train_pool=20, train_size=3, val_size=4, test_size=6, test_split="val")
+    assert [s["id"] for s in dm.test_dataset] == [s["id"] for s in dm.val_dataset]
+    assert len(dm.test_dataset) == 4
+    with pytest.raises(Exception, match="data.test_split"):
+        SceneDataModule("glass", test_split="train")
+
+
 def test_unknown_task_names_the_config_key():
     with pytest.raises(Exception, match="data.task"):
         SceneDataModule("smoke")

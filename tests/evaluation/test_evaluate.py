@@ -103,6 +103,17 @@ def test_the_table_is_in_tensorboard_next_to_the_run(evaluated):
     assert f"test_oracle/{HEADLINE_METRICS[task][0]}" in events.Tags()["scalars"]
 
 
+def test_scoring_the_validation_split_keeps_the_test_tables(evaluated):
+    task, results, _ = evaluated
+    test_csv = (results / "test.csv").read_text()
+    run_evaluate(task, results.parent / "checkpoints" / "last.ckpt", "--data.init_args.test_split", "val",
+                 "--strategies", "[agent, no_rl]")
+    val_rows = read_csv(results.parent / "evaluation_val" / "test.csv")
+    assert set(val_rows) == {"agent", "no_rl"}
+    assert "val split" in (results.parent / "evaluation_val" / "test.md").read_text()
+    assert (results / "test.csv").read_text() == test_csv
+
+
 def test_saved_predictions_are_at_original_resolution(evaluated):
     task, _, predictions = evaluated
     masks = sorted((predictions / "masks").glob("*.png"))
