@@ -14,13 +14,16 @@ import csv
 from pathlib import Path
 from typing import Dict, List
 
+from alignsam.metrics import HEADLINE_METRICS, LOWER_IS_BETTER
+
 TASKS = ("shadow", "glass", "categories", "saliency", "blur")
-ORDER = ("agent", "no_rl", "single_step", "no_srm", "grid_srm", "clip_surgery", "persam", "centre", "random", "oracle")
+CONTENDERS = ("agent", "no_rl", "single_step")  # the paper's ablation claim: the agent beats the other two
+# README order: the agent and its ablations, the training-free strategies, the oracle; short heads
+# for the wide table (evaluate.py's own labels, strategies.LABELS, are longer).
 HEADS = {"agent": "agent", "no_rl": "w/o RL (SRM points)", "single_step": "single step", "no_srm": "w/o SRM",
          "grid_srm": "grid + SRM", "clip_surgery": "CLIP Surgery pts", "persam": "PerSAM-style", "centre": "centre",
          "random": "random", "oracle": "oracle (T clicks)"}
-CONTENDERS = ("agent", "no_rl", "single_step")
-LOWER_IS_BETTER = {"mae", "ber"}
+ORDER = tuple(HEADS)
 
 
 def read(path: Path) -> List[Dict[str, str]]:
@@ -40,7 +43,7 @@ def headline_table(runs: Dict[str, Path]) -> str:
                   if (d / task / "version_0" / "evaluation" / "test.csv").exists()}
         if not tables:
             continue
-        metric = list(next(iter(tables.values()))[0].keys())[2]
+        metric = HEADLINE_METRICS[task][0]
         sign = -1 if metric in LOWER_IS_BETTER else 1
         cells = {s: [] for s in ORDER}
         for rows in tables.values():
@@ -56,10 +59,10 @@ def headline_table(runs: Dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def task_table(path: Path) -> str:
+def task_table(task: str, path: Path) -> str:
     rows = read(path)
     cols = list(rows[0].keys())
-    metrics = [c for c in cols[2:4] if not c.startswith("noc")]
+    metrics = HEADLINE_METRICS[task]
     clicks = [c for c in cols if c.startswith("iou@") and int(c[4:]) <= 5]
     head = ["strategy", *metrics] + (["iou_fg"] if "iou_fg" in cols else []) + ["noc@85", "noc@90", *clicks]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -88,7 +91,7 @@ def main() -> None:
     for task in TASKS:
         path = first / task / "version_0" / "evaluation" / "test.csv"
         if path.exists():
-            print(f"\n**{task}**\n\n{task_table(path)}")
+            print(f"\n**{task}**\n\n{task_table(task, path)}")
 
 
 if __name__ == "__main__":
