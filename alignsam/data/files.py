@@ -22,6 +22,7 @@ from typing import Dict, Iterable, Literal, Optional, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from alignsam.errors import UserError
 from alignsam.geometry import GT_FOREGROUND_THRESHOLD
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
 TAIL_BYTES = 64
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """Bad dataset input. ``key`` is the config key to change, ``path`` the offending file."""
 
     def __init__(self, key: str, message: str, path: Optional[Path | str] = None):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import Sam
 
+from alignsam.errors import UserError
 from alignsam.geometry import input_size_for, low_res_to_original, resize_image_for_sam
 
 OFFICIAL_CHECKPOINTS: Dict[str, str] = {
@@ -41,7 +42,7 @@ class EmbeddedImages:
     input_hw: torch.Tensor
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A segmenter or matcher checkpoint is missing or does not fit the architecture."""
 
 
