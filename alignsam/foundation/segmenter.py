@@ -162,7 +162,11 @@ class Segmenter(nn.Module):
         Args:
             embeddings: ``(B, C, h, w)`` image embeddings (may be half precision; cast here).
             points: ``(B, N, 2)`` float clicks in SAM's input frame, or None for no clicks.
-            labels: ``(B, N)`` 1 positive, 0 negative, -1 padding (ignored by SAM).
+            labels: ``(B, N)`` 1 positive, 0 negative, -1 padding. Padding is dropped before SAM
+                sees the clicks (anywhere in a row, with any coordinates), so every row gets exactly
+                what ``SamPredictor.predict`` gives on that image's own real clicks; a row of only
+                padding gets SAM's output without point prompts. One decoder call without
+                padding; with padding, one per distinct number of real clicks in the batch.
             mask_input: optional ``(B, 1, 4h, 4w)`` low-res logits from a previous step.
             multimask: return SAM's three multimask outputs instead of its single-mask output.
         Returns:
@@ -202,10 +206,90 @@ def prompt_and_decode(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + mask decoder of ``sam`` for B different images; all 1 + 3 outputs.
 
+    Each row gets what ``SamPredictor.predict`` gives for that image and its own real clicks
+    (label >= 0, in order); padding (label -1) is dropped, not passed to SAM. SAM has no attention
+    mask: it would embed a -1 entry as a "not a point" token that the decoder attends to, so padding
+    would change the masks. Without padding this is one batched decode; with padding, the rows are
+    grouped by their number of real clicks, each group is decoded in one call and the outputs are
+    put back in row order. A row without real clicks (all padding, or ``N == 0``) is decoded like
+    ``SamPredictor.predict(point_coords=None)``: no point tokens at all.
+
     Args: as :meth:`Segmenter.decode`.
     Returns:
         logits ``(B, 4, 4h, 4w)``: index 0 is SAM's single-mask output, 1..3 its multimask outputs;
         predicted IoU ``(B, 4)``.
+    """
+    if points is not None and points.shape[1] == 0:
+        points, labels = None, None
+    if points is None:
+        return _prompt_and_decode_unpadded(sam, embeddings, None, None, mask_input)
+    labels = labels.to(points.device)
+    real = labels >= 0  # (B, N)
+    if bool(real.all()):
+        return _prompt_and_decode_unpadded(sam, embeddings, points, labels, mask_input)
+    return _decode_grouped_by_click_count(sam, embeddings, points, labels, real, mask_input)
+
+
+def _decode_grouped_by_click_count(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    real: torch.Tensor,
+    mask_input: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prompt_and_decode` of padded prompts: one decode per number of real clicks.
+
+    Args:
+        embeddings ``(B, C, h, w)``; points ``(B, N, 2)``; labels ``(B, N)``; real ``(B, N)`` bool,
+        True where a click is not padding (on ``points.device``); mask_input ``(B, 1, 4h, 4w)`` or None.
+    Returns:
+        as :func:`prompt_and_decode`, rows in input order.
+    """
+    counts = real.sum(1)  # (B,)
+    order, masks, ious = [], [], []
+    for count in counts.unique().tolist():
+        rows = torch.nonzero(counts == count)[:, 0]  # (G,)
+        group_points, group_labels = _real_clicks(points[rows], labels[rows], real[rows], count)
+        group_mask = None if mask_input is None else mask_input[rows.to(mask_input.device)]
+        group_masks, group_ious = _prompt_and_decode_unpadded(
+            sam, embeddings[rows.to(embeddings.device)], group_points, group_labels, group_mask
+        )
+        order.append(rows)
+        masks.append(group_masks)
+        ious.append(group_ious)
+    inverse = torch.argsort(torch.cat(order)).to(masks[0].device)  # output row -> its place in the groups
+    return torch.cat(masks)[inverse], torch.cat(ious)[inverse]
+
+
+def _real_clicks(
+    points: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, count: int
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The ``count`` real clicks of each row, in their original order (None, None when count is 0).
+
+    Args:
+        points ``(G, N, 2)``; labels ``(G, N)``; real ``(G, N)`` bool with ``count`` True per row.
+    Returns:
+        points ``(G, count, 2)`` and labels ``(G, count)``.
+    """
+    if count == 0:
+        return None, None
+    # stable sort puts each row's real clicks first, in order
+    index = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices[:, :count]  # (G, count)
+    return points.gather(1, index[..., None].expand(-1, -1, 2)), labels.gather(1, index)
+
+
+def _prompt_and_decode_unpadded(
+    sam: Sam,
+    embeddings: torch.Tensor,
+    points: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    mask_input: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One batched prompt-encoder + mask-decoder call; every row has the same N clicks, none padding.
+
+    Args: as :meth:`Segmenter.decode` (``points=None``: no clicks in any row).
+    Returns: as :func:`prompt_and_decode`.
     """
     prompt_encoder = sam.prompt_encoder
     dtype = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype

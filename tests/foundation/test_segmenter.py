@@ -229,31 +229,82 @@ def test_decode_accepts_half_precision_embeddings(tiny, tiny_embedded):
 
 
 # -- padding with label -1 ---------------------------------------------------------------------------
-def padded_click_lists(hws, seed):
-    """Clicks with a -1 padding entry in the middle (index 1) of each list, at a random spot."""
-    points, labels = random_clicks(hws, num_clicks=3, seed=seed)
-    labels[:, 1] = -1
-    return points, labels
+# Rows of one batch over the tiny images (image index, label pattern; r = a real click, -1 = padding):
+# no padding, padding in the middle and at the end, only padding, padding at the front, and two rows
+# per click count so that a group decodes several rows.
+PADDED_ROWS = [
+    (0, "r r r r"),
+    (1, "r -1 r -1"),
+    (2, "-1 -1 -1 -1"),
+    (3, "r r r -1"),
+    (1, "-1 r -1 r"),
+    (2, "-1 -1 -1 -1"),
+    (0, "r -1 -1 -1"),
+]
 
 
-def test_padding_in_the_middle_matches_predictor_on_the_same_list(tiny, tiny_embedded):
-    """SAM itself accepts label -1 (it pads its own lists that way); the batched path treats it the same."""
+def padded_batch(embedded, seed):
+    """The :data:`PADDED_ROWS` batch: embeddings ``(R, C, h, w)``, original_hw ``(R, 2)``, clicks
+    ``(R, 4, 2)`` in each image's original frame and labels ``(R, 4)`` with -1 where the pattern pads."""
+    owners = torch.tensor([owner for owner, _ in PADDED_ROWS])
+    original_hw = embedded.original_hw[owners]
+    points, labels = random_clicks([tuple(hw) for hw in original_hw.tolist()], num_clicks=4, seed=seed)
+    for row, (_, pattern) in enumerate(PADDED_ROWS):
+        for k, token in enumerate(pattern.split()):
+            if token == "-1":
+                labels[row, k] = -1
+    return embedded.embeddings[owners], original_hw, points, labels
+
+
+def predictor_on_real_clicks(predictor, points_i, labels_i, mask_input_i=None, multimask=False):
+    """SamPredictor on one row's non-padding clicks only (no point prompt when there are none)."""
+    real = labels_i >= 0
+    if not real.any():
+        return predictor_outputs(predictor, None, None, mask_input_i, multimask)
+    return predictor_outputs(predictor, points_i[real], labels_i[real], mask_input_i, multimask)
+
+
+@pytest.mark.parametrize("with_mask_input", [False, True])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_padded_rows_match_predictor_on_their_own_clicks(tiny, tiny_embedded, with_mask_input, multimask):
+    """Each row of a batch with mixed numbers of real clicks gets exactly what SamPredictor gives on
+    its own real clicks: padding is ignored wherever it sits, and a row of only padding is unprompted."""
     images, embedded = tiny_embedded
-    points, labels = padded_click_lists(TINY_IMAGE_HW, seed=7)
-    sam_points = original_to_sam_points(points, embedded.original_hw, tiny.img_size)
-    low_res, _ = tiny.decode(embedded.embeddings, sam_points, labels)
+    embeddings, original_hw, points, labels = padded_batch(embedded, seed=7)
+    sam_points = original_to_sam_points(points, original_hw, tiny.img_size)
+    mask_input = None
+    if with_mask_input:  # a previous step's logits, from a first real click of every row
+        first = torch.full((len(PADDED_ROWS), 1, 2), 100.0)
+        mask_input, _ = tiny.decode(embeddings, first, torch.ones(len(PADDED_ROWS), 1, dtype=torch.long))
+    low_res, iou = tiny.decode(embeddings, sam_points, labels, mask_input=mask_input, multimask=multimask)
+    assert low_res.shape == (len(PADDED_ROWS), 3 if multimask else 1, *tiny.low_res_hw)
+
     predictor = SamPredictor(tiny.sam)
-    for i, image in enumerate(images):
-        set_predictor_features(predictor, embedded.embeddings[i : i + 1], image.shape[:2], tiny.img_size)
-        ref_low, _ = predictor_outputs(predictor, points[i], labels[i])
-        assert max_abs_diff(f"padded list {image.shape[:2]}", low_res[i], ref_low) < TOLERANCE
+    for row, (owner, pattern) in enumerate(PADDED_ROWS):
+        set_predictor_features(predictor, embedded.embeddings[owner : owner + 1], images[owner].shape[:2], tiny.img_size)
+        ref_low, ref_iou = predictor_on_real_clicks(
+            predictor, points[row], labels[row], None if mask_input is None else mask_input[row], multimask
+        )
+        assert max_abs_diff(f"row {row} [{pattern}] mask_input={with_mask_input}", low_res[row], ref_low) < TOLERANCE
+        assert max_abs_diff(f"row {row} iou", iou[row], ref_iou) < TOLERANCE
+
+
+def test_only_padding_is_the_same_as_no_clicks(tiny, tiny_embedded):
+    """A batch of only padding, or with N = 0 clicks, decodes as ``points=None`` (no point tokens)."""
+    _, embedded = tiny_embedded
+    b = len(TINY_IMAGE_HW)
+    unprompted, _ = tiny.decode(embedded.embeddings, None, None)
+    all_padding, _ = tiny.decode(embedded.embeddings, torch.zeros(b, 2, 2), torch.full((b, 2), -1))
+    no_clicks, _ = tiny.decode(embedded.embeddings, torch.zeros(b, 0, 2), torch.zeros(b, 0, dtype=torch.long))
+    assert max_abs_diff("only padding vs no clicks", all_padding, unprompted) < TOLERANCE
+    assert max_abs_diff("N = 0 vs no clicks", no_clicks, unprompted) < TOLERANCE
 
 
 def test_padding_position_and_coordinates_do_not_matter(tiny, tiny_embedded):
-    """A -1 entry is a 'not a point' token: where it sits in the list and what coordinates it carries
-    are irrelevant (its embedding ignores the coordinates; the decoder's tokens have no order)."""
+    """Padding is dropped: where it sits in the list and what coordinates it carries are irrelevant."""
     _, embedded = tiny_embedded
-    points, labels = padded_click_lists(TINY_IMAGE_HW, seed=8)
+    points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=8)
+    labels[:, 1] = -1
     sam_points = original_to_sam_points(points, embedded.original_hw, tiny.img_size)
     middle, _ = tiny.decode(embedded.embeddings, sam_points, labels)
 
@@ -271,25 +322,44 @@ def test_padding_position_and_coordinates_do_not_matter(tiny, tiny_embedded):
     assert (tiny.decode(embedded.embeddings, moved_real, labels)[0] - middle).abs().max() > TOLERANCE
 
 
-def test_extra_padding_tokens_are_not_a_no_op(tiny, tiny_embedded):
-    """SAM has no attention mask: each -1 entry is one more token the decoder attends to. So
-    padding a short list to a longer one gives what SAM gives for the padded list, which in general
-    differs from what SAM gives for the short list (callers that want SAM's exact single-image
-    output should pad only as much as the longest list in the batch needs)."""
-    images, embedded = tiny_embedded
+def test_padding_to_a_longer_list_is_a_no_op(tiny, tiny_embedded):
+    """Padding a one-click list with -1 entries gives SAM's output for the one click (in SAM itself
+    each -1 entry would be one more 'not a point' token in the decoder and change the masks)."""
+    _, embedded = tiny_embedded
     points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=9)
     sam_points = original_to_sam_points(points, embedded.original_hw, tiny.img_size)
     short, _ = tiny.decode(embedded.embeddings, sam_points[:, :1], labels[:, :1])
     padded_labels = labels.clone()
     padded_labels[:, 1:] = -1
     padded, _ = tiny.decode(embedded.embeddings, sam_points, padded_labels)
+    assert max_abs_diff("one click vs one click + 2 padding", padded, short) < TOLERANCE
 
-    predictor = SamPredictor(tiny.sam)
-    set_predictor_features(predictor, embedded.embeddings[:1], images[0].shape[:2], tiny.img_size)
-    ref_short, _ = predictor_outputs(predictor, points[0, :1], labels[0, :1])
-    assert max_abs_diff("unpadded single click", short[0], ref_short) < TOLERANCE
-    print(f"extra padding tokens change the logits by up to {(padded - short).abs().max().item():.3g}")
-    assert (padded - short).abs().max() > TOLERANCE
+
+def test_decoder_calls_one_without_padding_one_per_click_count_with_it(tiny, tiny_embedded):
+    _, embedded = tiny_embedded
+    calls = []
+    handle = tiny.sam.mask_decoder.transformer.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=10)
+        tiny.decode(embedded.embeddings, points, labels)
+        assert calls == [len(TINY_IMAGE_HW)]
+        embeddings, _, points, labels = padded_batch(embedded, seed=10)
+        calls.clear()
+        tiny.decode(embeddings, points, labels)
+        assert sorted(calls) == [1, 1, 1, 2, 2]  # 0, 1, 2, 3 and 4 real clicks
+    finally:
+        handle.remove()
+
+
+def test_padded_decode_keeps_the_graph(tiny, tiny_embedded):
+    """decode_with_grad through the grouped path: every row's embedding gets a gradient."""
+    _, embedded = tiny_embedded
+    embeddings, original_hw, points, labels = padded_batch(embedded, seed=11)
+    embeddings = embeddings.clone().requires_grad_(True)
+    sam_points = original_to_sam_points(points, original_hw, tiny.img_size)
+    low_res, _ = tiny.decode_with_grad(embeddings, sam_points, labels)
+    low_res.sum().backward()
+    assert (embeddings.grad.flatten(1).abs().sum(1) > 0).all()
 
 
 # -- geometry ----------------------------------------------------------------------------------------
