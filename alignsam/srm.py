@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from alignsam.errors import ConfigError, check_range
 from alignsam.losses import bce_loss, dice_loss
 
 BRANCHES = ("implicit", "explicit")
@@ -46,6 +47,11 @@ class SRMConfig:
         dice_weight: weight of the Dice term of :func:`srm_loss`.
         bce_weight: weight of the BCE term of :func:`srm_loss`.
         lr: learning rate of the SRM's own Adam (separate from the policy's optimiser).
+
+    Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.srm.<field>``:
+    threshold in [0, 1] (a probability: above 1 every click would be labelled negative),
+    hidden, attention_grid, heads, groups >= 1 (groups and heads divide hidden), the loss weights
+    >= 0 and not both 0, lr > 0.
     """
 
     branch: str = "implicit"
@@ -60,9 +66,20 @@ class SRMConfig:
 
     def __post_init__(self) -> None:
         if self.branch not in BRANCHES:
-            raise ValueError(f"srm branch must be one of {BRANCHES}, got {self.branch!r}")
-        if self.hidden % self.groups or self.hidden % self.heads:
-            raise ValueError(f"srm hidden ({self.hidden}) must be divisible by groups ({self.groups}) and heads ({self.heads})")
+            raise ConfigError("model.srm.branch", f"{self.branch!r} is not one of {', '.join(BRANCHES)}")
+        for key in ("hidden", "attention_grid", "heads", "groups"):
+            check_range(f"model.srm.{key}", getattr(self, key), 1)
+        check_range("model.srm.threshold", self.threshold, 0.0, 1.0)
+        check_range("model.srm.dice_weight", self.dice_weight, 0.0)
+        check_range("model.srm.bce_weight", self.bce_weight, 0.0)
+        if self.dice_weight == 0 and self.bce_weight == 0:
+            raise ConfigError("model.srm.dice_weight", "model.srm.dice_weight and model.srm.bce_weight are both 0: "
+                              "the SRM would get no loss")
+        check_range("model.srm.lr", self.lr, 0.0, low_open=True)
+        for key in ("groups", "heads"):
+            if self.hidden % getattr(self, key):
+                raise ConfigError(f"model.srm.{key}", f"model.srm.hidden ({self.hidden}) must be divisible by "
+                                  f"{key} ({getattr(self, key)})")
 
 
 def conv_norm_act(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignsam.baselines import best_and_worst_cells
+from alignsam.errors import ConfigError, check_range
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
 from alignsam.geometry import (
     MASK_LOGIT_THRESHOLD,
@@ -58,6 +59,8 @@ class EnvConfig:
         greedy_eval: argmax actions in validation and test (else sampled).
 
     The SRM's labelling threshold is ``model.srm.threshold`` (:class:`alignsam.srm.SRMConfig`).
+    Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.env.<field>``:
+    steps >= 1, grid >= 1, steps <= grid * grid; the option strings must be one of their values.
     """
 
     steps: int = 15
@@ -75,14 +78,12 @@ class EnvConfig:
                                     ("train_labels", self.train_labels, TRAIN_LABELS),
                                     ("reward", self.reward, REWARDS)):
             if value not in allowed:
-                raise ValueError(f"model.env.{key}: {value!r} is not one of {allowed}")
-        if self.steps < 1:
-            raise ValueError(f"model.env.steps must be >= 1, got {self.steps}")
-        if self.grid < 1:
-            raise ValueError(f"model.env.grid must be >= 1, got {self.grid}")
+                raise ConfigError(f"model.env.{key}", f"{value!r} is not one of {', '.join(allowed)}")
+        check_range("model.env.steps", self.steps, 1)
+        check_range("model.env.grid", self.grid, 1)
         if self.steps > self.grid * self.grid:
-            raise ValueError(f"model.env.steps ({self.steps}) exceeds the {self.grid}x{self.grid} action grid: "
-                             f"a patch is never clicked twice")
+            raise ConfigError("model.env.steps", f"{self.steps} exceeds the {self.grid}x{self.grid} action grid "
+                              f"(model.env.grid): a patch is never clicked twice")
 
 
 @dataclass

@@ -25,6 +25,8 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from alignsam.errors import ConfigError, check_range
+
 VARIANTS = ("implicit", "explicit")
 
 
@@ -40,6 +42,9 @@ class PolicyConfig:
         groups: GroupNorm groups (must divide ``hidden``). No BatchNorm: rollout batches (no_grad,
             one step of B episodes) and PPO minibatches (shuffled steps) have different statistics.
         value_hidden: width of the value MLP on the pooled features.
+
+    Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.policy.<field>``:
+    hidden, groups, value_hidden >= 1, blocks >= 0, groups divides hidden.
     """
 
     variant: str = "implicit"
@@ -50,9 +55,13 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"policy variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ConfigError("model.policy.variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
+        for key in ("hidden", "groups", "value_hidden"):
+            check_range(f"model.policy.{key}", getattr(self, key), 1)
+        check_range("model.policy.blocks", self.blocks, 0)
         if self.hidden % self.groups:
-            raise ValueError(f"policy hidden ({self.hidden}) must be divisible by groups ({self.groups})")
+            raise ConfigError("model.policy.groups", f"model.policy.hidden ({self.hidden}) must be divisible "
+                              f"by the GroupNorm groups ({self.groups})")
 
 
 def image_region(pool: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignsam.errors import check_range
+
 # Log-probability given to invalid actions (clamped to the dtype's range, e.g. for float16).
 # exp() of it is exactly 0, yet it is finite, so sums and products with it stay NaN-free.
 INVALID_LOG_PROB = -1e8
@@ -52,6 +54,10 @@ class PPOConfig:
         normalize_advantages: normalise advantages to mean 0, std 1 within each minibatch (True).
         clip_value_loss: also clip the value prediction to ``old_value +- clip`` and take the larger
             of the clipped and unclipped squared errors (off by default).
+
+    Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.ppo.<field>``:
+    gamma and gae_lambda in [0, 1], epochs and minibatch_size >= 1, clip, max_grad_norm, lr and
+    adam_eps > 0, value_coef and entropy_coef >= 0.
     """
 
     gamma: float = 0.99
@@ -68,12 +74,14 @@ class PPOConfig:
     clip_value_loss: bool = False
 
     def __post_init__(self):
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
-        if self.epochs < 1 or self.minibatch_size < 1:
-            raise ValueError(f"epochs and minibatch_size must be >= 1, got {self.epochs}, {self.minibatch_size}")
-        if self.clip <= 0:
-            raise ValueError(f"clip must be > 0, got {self.clip}")
+        for key in ("gamma", "gae_lambda"):
+            check_range(f"model.ppo.{key}", getattr(self, key), 0.0, 1.0)
+        for key in ("epochs", "minibatch_size"):
+            check_range(f"model.ppo.{key}", getattr(self, key), 1)
+        for key in ("clip", "max_grad_norm", "lr", "adam_eps"):
+            check_range(f"model.ppo.{key}", getattr(self, key), 0.0, low_open=True)
+        for key in ("value_coef", "entropy_coef"):
+            check_range(f"model.ppo.{key}", getattr(self, key), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
