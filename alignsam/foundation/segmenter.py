@@ -8,6 +8,10 @@ Coordinates and mask conventions are those of :mod:`alignsam.geometry`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -17,6 +21,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import Sam
 
+from alignsam.atomic import write_text_atomic
 from alignsam.errors import UserError
 from alignsam.geometry import input_size_for, low_res_to_original, resize_image_for_sam
 
@@ -355,15 +360,92 @@ def register_segmenter(name: str) -> Callable[[SegmenterBuilder], SegmenterBuild
     return wrap
 
 
-def file_fingerprint(path: Union[str, Path]) -> str:
-    """Cheap identity of a weights file: name, size and modification time, plus a hash of its head."""
-    import hashlib
+# -- weights-file identity -----------------------------------------------------------------------
+DIGEST_CHUNK_BYTES = 8 << 20
+DIGEST_MEMO_VERSION = 1
+# (absolute path, size, mtime_ns, ctime_ns) -> SHA-256 hex of the whole file, for this process
+_FILE_DIGESTS: Dict[Tuple[str, int, int, int], str] = {}
 
+
+def file_fingerprint(path: Union[str, Path]) -> str:
+    """Identity of a weights file for the feature cache: ``"<name>:<size>:sha256:<hex>"``.
+
+    The SHA-256 covers the whole file, so a re-saved checkpoint that differs anywhere gets a new
+    fingerprint (and new cache entries). It is computed once per version of the file: see
+    :func:`file_sha256`.
+    """
     path = Path(path)
-    stat = path.stat()
+    return f"{path.name}:{path.stat().st_size}:sha256:{file_sha256(path)}"
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 hex of a file's whole content, remembered across calls and runs.
+
+    The digest is remembered by (absolute path, size, mtime_ns, ctime_ns) in this process and in
+    the JSON memo :func:`digest_memo_path`, so a multi-GB checkpoint is read once per change of the
+    file, not once per run. ctime also moves when a writer restores the mtime afterwards. A corrupt
+    or unwritable memo is ignored (the file is then hashed again).
+    """
+    path = Path(path).absolute()
+    version = _file_version(path)
+    digest = _FILE_DIGESTS.get(version)
+    if digest is None:
+        digest = _remembered_digest(path, version)
+    if digest is None:
+        digest = sha256_of_file(path)
+        if _file_version(path) != version:  # changed while being read: hash what is there next time
+            return digest
+        _remember_digest(path, version, digest)
+    _FILE_DIGESTS[version] = digest
+    return digest
+
+
+def sha256_of_file(path: Union[str, Path]) -> str:
+    """SHA-256 hex of a file, read in :data:`DIGEST_CHUNK_BYTES` chunks."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        head = hashlib.sha1(f.read(1 << 20)).hexdigest()[:16]
-    return f"{path.name}:{stat.st_size}:{head}"
+        while chunk := f.read(DIGEST_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_memo_path() -> Path:
+    """``$XDG_CACHE_HOME/alignsam/file_digests.json`` (``~/.cache/...`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "alignsam" / "file_digests.json"
+
+
+def _file_version(path: Path) -> Tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _read_digest_memo() -> Dict[str, dict]:
+    """The memo's ``{absolute path: {"size", "mtime_ns", "ctime_ns", "sha256"}}``; {} when absent or unreadable."""
+    try:
+        memo = json.loads(digest_memo_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: no home directory
+        return {}
+    files = memo.get("files") if isinstance(memo, dict) and memo.get("version") == DIGEST_MEMO_VERSION else None
+    return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+
+def _remembered_digest(path: Path, version: Tuple[str, int, int, int]) -> Optional[str]:
+    entry = _read_digest_memo().get(str(path), {})
+    digest = entry.get("sha256")
+    if (entry.get("size"), entry.get("mtime_ns"), entry.get("ctime_ns")) != version[1:]:
+        return None
+    return digest if isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest) else None
+
+
+def _remember_digest(path: Path, version: Tuple[str, int, int, int], digest: str) -> None:
+    """Add one digest to the JSON memo (dropping files that no longer exist); failures are ignored."""
+    files = {k: v for k, v in _read_digest_memo().items() if Path(k).exists()}
+    files[str(path)] = {"size": version[1], "mtime_ns": version[2], "ctime_ns": version[3], "sha256": digest}
+    try:
+        write_text_atomic(digest_memo_path(), json.dumps({"version": DIGEST_MEMO_VERSION, "files": files}, indent=1))
+    except (OSError, RuntimeError):
+        pass  # read-only home or cache dir: the digest is simply recomputed next run
 
 
 def _official_builder(name: str) -> SegmenterBuilder:
