@@ -3,8 +3,10 @@
 Every path, pairing and file check runs in ``__init__`` (LightningCLI builds the data module from
 the ``data:`` section), so a bad path or a broken file is reported before any model is built:
 paths and pairing are a directory listing; file checks read headers and end markers (plus a full
-decode of the few-shot training images), see ``check_files``. ``setup`` only writes the few-shot
-ids into the run's log directory.
+decode of the few-shot training images), see the ``check_files`` argument. The masks of the
+val/test splits are decoded by the public method :meth:`~_FewShotDataModule.check_files`, which
+the command line calls after building the data module and before building any model. ``setup``
+only writes the few-shot ids into the run's log directory.
 
 Batches are ``list[Sample]`` (:func:`~alignsam.data.sample.collate_samples`); validation and test
 samples carry their ground truth at original resolution and their id.
@@ -12,7 +14,7 @@ samples carry their ground truth at original resolution and their id.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -21,13 +23,47 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from alignsam.data.augment import AugmentConfig, AugmentedViews
 from alignsam.data.datasets import BinaryMaskFolder, get_preset
 from alignsam.data.fewshot import draw_subset, read_fewshot_ids, write_fewshot_ids
-from alignsam.data.files import DataConfigError, MaskRule
+from alignsam.data.files import (
+    DataConfigError,
+    MaskRule,
+    check_binary_mask,
+    check_complete,
+    read_grey_mask,
+    read_size,
+)
 from alignsam.data.sample import collate_samples
 from alignsam.data.voc import VOC_CLASS_TEXTS, VOCEpisodes, VOCSegmentation
+from alignsam.errors import ConfigError, check_range
 
 log = logging.getLogger(__name__)
 
 CheckFiles = Literal["quick", "full", "none"]
+CHECK_FILES = ("quick", "full", "none")
+# The splits each Lightning stage reads: ``test`` also reads the few-shot training images
+# (PerSAM's prototypes in evaluate.py).
+STAGE_SPLITS: Dict[str, Tuple[str, ...]] = {"fit": ("train", "val"), "test": ("train", "test")}
+# data.<argument>: (lowest, highest) accepted value; None arguments mean "default" / "all" and pass.
+ARG_RANGES: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "train_pool": (1, None), "train_size": (1, None), "val_size": (1, None), "test_size": (1, None),
+    "subset_seed": (0, None), "augment_views": (0, None), "batch_size": (1, None),
+    "eval_batch_size": (1, None), "num_workers": (0, None), "binary_margin": (0, 127),
+    "max_intermediate_fraction": (0.0, 1.0),
+}
+
+
+def check_data_args(**values) -> None:
+    """Range-check numeric data-module arguments (:data:`ARG_RANGES`); errors name ``data.<arg>``.
+
+    ``None`` passes (``train_size: null`` means the whole split, ``eval_batch_size: null`` the
+    training batch size).
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"data.{name}", f"{value!r} is not a number")
+        low, high = ARG_RANGES[name]
+        check_range(f"data.{name}", value, low, high)
 
 
 class EpochShuffle(Sampler):
@@ -62,6 +98,8 @@ class _FewShotDataModule(L.LightningDataModule):
     def _prepare(self, *, train_size: Optional[int], subset_seed: int, train_ids_file: Optional[str],
                  val_size: Optional[int], augment_views: int, augment: AugmentConfig,
                  check_files: CheckFiles, allow_split_overlap: bool) -> None:
+        if check_files not in CHECK_FILES:
+            raise ConfigError("data.check_files", f"{check_files!r} is not one of {', '.join(CHECK_FILES)}")
         pools = self._pools
         self.train_ids: List[str] = []
         if "train" in pools:
@@ -82,10 +120,19 @@ class _FewShotDataModule(L.LightningDataModule):
                         raise DataConfigError(
                             f"data.{stage}_split", f"{len(shared)} training images are also in the "
                             f"{stage} split (set data.allow_split_overlap: true if intended)", shared[0])
+        # What check_files() still has to do per image-level pool: the masks of a decoded pool are
+        # checked already; the headers and end markers of a quick-checked one too.
+        self._image_pools: Dict[str, Dataset] = dict(pools)
+        self._masks_checked: set = set()
+        self._headers_checked: set = set()
         if check_files != "none":
             for stage, pool in pools.items():
                 few_shot_train = stage == "train" and (train_size is not None or train_ids_file)
-                pool.check_files(decode=check_files == "full" or bool(few_shot_train))
+                decode = check_files == "full" or bool(few_shot_train)
+                pool.check_files(decode=decode)
+                self._headers_checked.add(id(pool))
+                if decode:
+                    self._masks_checked.add(id(pool))
         if augment_views and "train" in pools:
             pools["train"] = AugmentedViews(pools["train"], augment_views, subset_seed, augment)
         episodes: Dict[int, Dataset] = {}  # val and test often share one split: build it once
@@ -98,6 +145,36 @@ class _FewShotDataModule(L.LightningDataModule):
 
     def _episodes(self, images: Dataset) -> Dataset:
         return images
+
+    def check_files(self, stages: Iterable[str] = ("fit", "test")) -> None:
+        """Check every file of the splits ``stages`` read, decoding each mask once, before any model.
+
+        ``fit`` reads the train and val splits, ``test`` the train split (PerSAM's prototypes) and
+        the test split. Every image's header and end marker is read (images are not decoded) and
+        every mask is decoded and checked: readable and complete, of its image's size, binary
+        under ``data.mask_check`` (VOC: class ids 0..20 and 255). The first bad file raises
+        :class:`~alignsam.data.files.DataConfigError` naming the file and the config key. Splits
+        shared by several stages are checked once; files already decoded in ``__init__`` (the
+        few-shot training images) and splits checked by an earlier call are not read again.
+        Builds nothing and loads no model.
+        """
+        stages = (stages,) if isinstance(stages, str) else tuple(stages)
+        unknown = [s for s in stages if s not in STAGE_SPLITS]
+        if unknown:
+            raise ValueError(f"check_files: unknown stage(s) {unknown}; choose from {list(STAGE_SPLITS)}")
+        for stage in stages:
+            for split in STAGE_SPLITS[stage]:
+                pool = self._image_pools.get(split)
+                if pool is None or id(pool) in self._masks_checked:
+                    continue
+                self._check_masks(pool, headers=id(pool) not in self._headers_checked)
+                self._masks_checked.add(id(pool))
+                self._headers_checked.add(id(pool))
+
+    def _check_masks(self, pool: Dataset, headers: bool) -> None:
+        """Decode and check every mask of the image-level ``pool`` (and, with ``headers``, read its
+        images' headers and end markers). Subclasses say how their masks are checked."""
+        raise NotImplementedError
 
     def _ids_header(self) -> List[str]:
         h = self.hparams
@@ -213,6 +290,10 @@ class BinaryMaskDataModule(_FewShotDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["augment"])
         self.augment = augment
+        check_data_args(train_size=train_size, val_size=val_size, subset_seed=subset_seed,
+                        augment_views=augment_views, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                        num_workers=num_workers, binary_margin=binary_margin,
+                        max_intermediate_fraction=max_intermediate_fraction)
         rule = MaskRule(check=mask_check or get_preset(preset).mask_check, margin=binary_margin,
                         max_intermediate_fraction=max_intermediate_fraction)
         self._pools: Dict[str, BinaryMaskFolder] = {}
@@ -229,6 +310,19 @@ class BinaryMaskDataModule(_FewShotDataModule):
         self._prepare(train_size=train_size, subset_seed=subset_seed, train_ids_file=train_ids_file,
                       val_size=val_size, augment_views=augment_views, augment=augment,
                       check_files=check_files, allow_split_overlap=allow_split_overlap)
+
+    def _check_masks(self, pool: BinaryMaskFolder, headers: bool) -> None:
+        """Each mask decoded once and checked with the pool's :class:`~alignsam.data.files.MaskRule`
+        (the checks of ``BinaryMaskFolder``; the image is not decoded, only its header and tail)."""
+        for pair in pool.pairs:
+            image_hw = read_size(pair.image_path, pool.image_key)
+            if headers:
+                check_complete(pair.image_path, pool.image_key)
+            grey = read_grey_mask(pair.mask_path, pool.mask_key)  # a full decode: truncation raises
+            if grey.shape != image_hw:
+                raise DataConfigError(pool.mask_key, f"mask size {grey.shape} differs from its image "
+                                      f"{pair.image_path.name} {image_hw} (h, w)", pair.mask_path)
+            check_binary_mask(grey, pair.mask_path, pool.mask_key, pool.mask_rule)
 
 
 class VOCDataModule(_FewShotDataModule):
@@ -277,6 +371,9 @@ class VOCDataModule(_FewShotDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["augment"])
         self.augment = augment
+        check_data_args(train_size=train_size, val_size=val_size, subset_seed=subset_seed,
+                        augment_views=augment_views, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                        num_workers=num_workers)
         self.class_texts: Sequence[str] = tuple(class_texts) if class_texts else VOC_CLASS_TEXTS
         self._pools: Dict[str, VOCSegmentation] = {}
         built: Dict[tuple, VOCSegmentation] = {}
@@ -296,3 +393,10 @@ class VOCDataModule(_FewShotDataModule):
 
     def _episodes(self, images: Dataset) -> Dataset:
         return VOCEpisodes(images, self.class_texts)
+
+    def _check_masks(self, pool: VOCSegmentation, headers: bool) -> None:
+        """Every label map was decoded and its ids checked in ``__init__`` (listing each image's
+        classes, :class:`~alignsam.data.voc.VOCEpisodes`); what is left is the quick check (headers,
+        sizes, end markers) when ``data.check_files: none`` skipped it."""
+        if headers:
+            pool.check_files(decode=False)

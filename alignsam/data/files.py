@@ -11,6 +11,11 @@ at most ``max_intermediate_fraction`` (default 10 %) of its pixels lie strictly 
 "intermediate"). A boundary band is a few percent of the pixels of a real mask, while a graded
 (soft) saliency map puts most of its foreground there. A mask whose values are only 0 and 1 is
 also rejected: it would be all background under the 127 threshold.
+
+16-bit masks (0/65535 PNGs or TIFFs, PIL mode ``I;16`` or ``I``) are scaled to 0..255 by the
+16-bit maximum (``value * 255 / 65535``, rounded) before any check, so "binary" means the same
+at both depths; a 16-bit mask whose largest value is at most 255 (8-bit values in a 16-bit file)
+is rejected, since scaled it would be all background. VOC label maps stay 8-bit (class ids).
 """
 from __future__ import annotations
 
@@ -157,12 +162,37 @@ def read_rgb(path: Path, key: str) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+UINT16_MAX = 65535
+
+
 def read_grey_mask(path: Path, key: str) -> np.ndarray:
-    """Decode a binary-task mask to uint8 ``(H, W)`` grey values (0..255)."""
+    """Decode a binary-task mask to uint8 ``(H, W)`` grey values (0..255).
+
+    8-bit files are converted to grey as they are; 16-bit ones (mode ``I;16*``, or ``I`` with
+    values in 0..65535) are scaled by 255 / 65535 (see the module docstring).
+    """
     im = _decode(path, key)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise DataConfigError(key, f"mask has {im.mode} pixels; expected 8-bit 0/255 masks", path)
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "I":
+        return _scale_16bit(np.asarray(im), im.mode, path, key)
+    if im.mode == "F":
+        raise DataConfigError(key, "mask has floating-point (F) pixels; expected 8-bit 0/255 or "
+                              "16-bit 0/65535 masks", path)
     return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _scale_16bit(values: np.ndarray, mode: str, path: Path, key: str) -> np.ndarray:
+    """16-bit grey values -> uint8 0..255 (rounded); refuses what the scale would misread."""
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > UINT16_MAX:
+        raise DataConfigError(key, f"mask has {mode} pixels in [{low}, {high}]; expected 8-bit 0/255 "
+                              f"or 16-bit 0/{UINT16_MAX} masks", path)
+    if 0 < high <= 255:
+        raise DataConfigError(key, f"16-bit ({mode}) mask whose largest value is {high}: a 16-bit mask "
+                              f"must be 0/{UINT16_MAX} (foreground is > {GT_FOREGROUND_THRESHOLD} on the "
+                              "0..255 scale), so every pixel would be background; save it as 8-bit 0/255", path)
+    return np.rint(values * (255.0 / UINT16_MAX)).astype(np.uint8)
 
 
 def read_label_map(path: Path, key: str) -> np.ndarray:
@@ -173,6 +203,10 @@ def read_label_map(path: Path, key: str) -> np.ndarray:
     holds palette *colours*, not ids, and is rejected.
     """
     im = _decode(path, key)
+    if im.mode in SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
+        raise DataConfigError(key, f"label map has {im.mode} pixels (16- or 32-bit); VOC label maps must "
+                              "be 8-bit palette (P) or grey (L) PNGs of class ids 0..20 and 255 (void), as "
+                              "VOC and SBD ship them", path)
     if im.mode not in ("P", "L"):
         raise DataConfigError(key, f"label map has mode {im.mode}; VOC labels must be palette (P) "
                               "or grey (L) PNGs of class ids (do not convert them to RGB)", path)

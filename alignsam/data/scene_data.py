@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from alignsam.data.datamodule import CheckFiles, _FewShotDataModule
+from alignsam.data.datamodule import CheckFiles, _FewShotDataModule, check_data_args
 from alignsam.data.augment import AugmentConfig
 from alignsam.data.files import DataConfigError
 from alignsam.data.sample import Sample
@@ -106,6 +106,9 @@ class SceneDataModule(_FewShotDataModule):
         super().__init__()
         if test_split not in ("test", "val"):
             raise DataConfigError("data.test_split", f"'{test_split}' is not a split to score; use test or val")
+        check_data_args(train_pool=train_pool, train_size=train_size, val_size=val_size, test_size=test_size,
+                        subset_seed=subset_seed, augment_views=augment_views, batch_size=batch_size,
+                        eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters(ignore=["augment"])
         self.augment = augment
         self._pools = {
@@ -130,6 +133,9 @@ class SceneDataModule(_FewShotDataModule):
     def num_classes(self) -> Optional[int]:
         """Classes of the ``categories`` label map (background included); None for binary tasks."""
         return 1 + len(CATEGORY_NAMES) if self.hparams.task == "categories" else None
+
+    def _check_masks(self, pool: Dataset, headers: bool) -> None:
+        """Nothing to check: scenes are rendered, not read, so ``check_files`` is a no-op here."""
 
     def _episodes(self, images: Dataset) -> Dataset:
         if self.hparams.task == "categories":
