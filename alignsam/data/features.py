@@ -17,8 +17,10 @@ Entries (one file each, see :mod:`alignsam.data.feature_files`):
 * ``text_map``: ``map (1, h, w)`` in the storage dtype, the matcher's similarity in [0, 1].
 
 The training code calls :meth:`FeatureStore.embeddings` / :meth:`FeatureStore.text_maps`, which read
-what is cached and compute only what is missing. :func:`precompute_features` fills the store through
-Lightning's predict loop (every GPU under DDP, with a progress bar).
+what is cached and compute only what is missing. :mod:`alignsam.data.precompute` fills the store
+before training, one image per embed call and each rank its shard. :func:`precompute_features`
+(Lightning's predict loop, 8 images per embed call by default) is the older path, kept only until
+``alignsam/cli.py`` moves to :class:`~alignsam.data.precompute.PrecomputeFeatures`.
 """
 from __future__ import annotations
 

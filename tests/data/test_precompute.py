@@ -146,16 +146,16 @@ def test_models_run_in_eval_mode_without_grad_and_outside_autocast(tmp_path, seg
 
 
 @pytest.mark.gpu
-def test_models_move_to_the_device_and_back(tmp_path, segmenter, encoder_calls):
-    precompute_splits(segmenter, FeatureStore(tmp_path), {"train": make_samples(2)}, device="cuda", show_progress=False)
+def test_models_move_to_the_device_and_back(tmp_path, segmenter):
     devices = []
     handle = segmenter.sam.image_encoder.register_forward_hook(lambda m, inp, out: devices.append(out.device.type))
     try:
-        precompute_splits(segmenter, FeatureStore(tmp_path / "b"), {"train": make_samples(1, seed=3)}, device="cuda",
+        precompute_splits(segmenter, FeatureStore(tmp_path), {"train": make_samples(2)}, device="cuda",
                           show_progress=False)
     finally:
         handle.remove()
-    assert devices == ["cuda"] and next(segmenter.parameters()).device.type == "cpu"
+    assert devices == ["cuda", "cuda"] and next(segmenter.parameters()).device.type == "cpu"
+    assert FeatureStore(tmp_path).embeddings(segmenter, make_samples(2)).embeddings.device.type == "cpu"
 
 
 def test_a_matcher_needs_the_map_size(tmp_path, segmenter):
