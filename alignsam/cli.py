@@ -9,7 +9,11 @@
 """
 from __future__ import annotations
 
+import difflib
 import logging
+import re
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -18,8 +22,10 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from alignsam.data.features import precompute_features
+from alignsam.errors import CommandLineError, exit_on_user_error
 from alignsam.metrics import HEADLINE_METRICS
 from alignsam.module import AlignSAM
+from alignsam.run_files import check_config_matches_checkpoint, read_run_checkpoint, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ class AlignSAMCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("parser_kwargs", {}).setdefault("parser_mode", "omegaconf")
+        kwargs["parser_kwargs"].setdefault("exit_on_error", False)  # parse errors become one line (parse_arguments)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its two optimizers
         super().__init__(AlignSAM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
@@ -54,6 +61,17 @@ class AlignSAMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--precompute", type=bool, default=True,
                             help="embed every image into the feature cache before training (with a progress bar)")
+
+    # -- parsing: every mistake is one line, found before any model is built -------------------------
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            raise parse_error_to_user_error(error, parser) from None
+        self.checkpoint = None
+        options = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        if options.get("ckpt_path"):
+            self.checkpoint = read_run_checkpoint(options["ckpt_path"])
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].get("precompute", True):
@@ -77,18 +95,65 @@ class AlignSAMCLI(LightningCLI):
             log.info("feature cache for %s: %s", name, stats)
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero and self.model.validation_table:
-            task = self.model.hparams.task
-            columns = HEADLINE_METRICS[task] + (["iou_fg"] if "iou_fg" in self.model.validation_table["agent"] else [])
-            steps = self.model.env_config.steps
-            seeds = " after the SRM's 2 seed prompts" if self.model.env_config.init_prompts == "srm" else ""
-            print(f"\nValidation ({task}, after epoch {self.model.validation_epoch}): the trained agent ({steps} clicks{seeds}) against one "
-                  f"centre click and {steps} random clicks; all metrics in TensorBoard ({self.trainer.log_dir})")
-            print(format_table(self.model.validation_table, columns))
+        """On every rank (the steps below are collective under DDP): validate the final weights when
+        the last epoch was not a validation epoch, then print the table and what to run next."""
+        trainer, model = self.trainer, self.model
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, not rank 0 alone
+        epochs = trainer.current_epoch
+        if not trainer.interrupted and model.validation_epoch < epochs:
+            if trainer.is_global_zero:
+                last = f"after epoch {model.validation_epoch}" if model.validation_epoch else "never"
+                print(f"\nValidation ran {last} (trainer.check_val_every_n_epoch="
+                      f"{trainer.check_val_every_n_epoch}, trainer.max_epochs={trainer.max_epochs}): "
+                      f"validating the final weights (epoch {epochs})")
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        if not trainer.is_global_zero or not model.validation_table:
+            return
+        task = model.hparams.task
+        columns = HEADLINE_METRICS[task] + (["iou_fg"] if "iou_fg" in model.validation_table["agent"] else [])
+        steps = model.env_config.steps
+        seeds = " after the SRM's 2 seed prompts" if model.env_config.init_prompts == "srm" else ""
+        print(f"\nValidation ({task}, after epoch {model.validation_epoch}): the trained agent ({steps} clicks{seeds}) against one "
+              f"centre click and {steps} random clicks; all metrics in TensorBoard ({log_dir})")
+        print(format_table(model.validation_table, columns))
+        last_ckpt = next((Path(cb.last_model_path) for cb in trainer.checkpoint_callbacks
+                          if getattr(cb, "last_model_path", "")), None)
+        if last_ckpt is not None:
+            print(f"\ncheckpoint: {last_ckpt}\nnext: python evaluate.py --ckpt_path {last_ckpt}")
+
+
+def parse_error_to_user_error(error: ArgumentError, parser: LightningArgumentParser) -> CommandLineError:
+    """jsonargparse's refusal as one line: what is wrong, the nearest valid key for a misspelt one,
+    and which config to pass when there is none."""
+    message = " ".join(str(error).split())
+    if "the following arguments are required" in message:
+        return CommandLineError(
+            f"no config given ({message}): pass one, e.g. --config conf/demo.yaml (the bundled world) or "
+            f"--config conf/<task>.yaml (blur, shadow, glass, saliency, voc; README 'Quickstart')")
+    unknown = re.findall(r"--?([A-Za-z_][\w.]*)", message) if "unrecognized arguments" in message else []
+    unknown += re.findall(r'Key "([\w.]+)" is not expected', message)
+    hints = []
+    valid = known_keys(parser)
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"did you mean --{close[0]}?")
+    return CommandLineError(message + ("; " + " ".join(hints) if hints else "") + "; see --help for every key")
+
+
+def known_keys(parser: LightningArgumentParser) -> List[str]:
+    """Every dotted option of the parser and of its subcommands' parsers (``model.env.steps``, ...)."""
+    keys = []
+    for action in parser._actions:  # jsonargparse exposes no public list of its keys
+        keys += [o.lstrip("-") for o in action.option_strings if o.startswith("--")]
+        for sub in getattr(action, "_name_parser_map", {}).values():
+            keys += known_keys(sub)
+    return sorted(set(keys))
 
 
 def main(args=None) -> None:
-    AlignSAMCLI(args=args)
+    """``train.py``: a UserError (data, checkpoint, config) ends as one line and exit status 2."""
+    exit_on_user_error(lambda: AlignSAMCLI(args=args))
 
 
 class EvaluateCLI(AlignSAMCLI):
@@ -115,6 +180,16 @@ class EvaluateCLI(AlignSAMCLI):
         parser.add_argument("--results_dir", type=Optional[str], default=None,
                             help="where the tables go (default: <the checkpoint's run>/evaluation)")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """As for training, then refuse a ``--config`` that describes another run than the checkpoint."""
+        super().parse_arguments(parser, args)
+        options = self.config[self.config.subcommand]
+        if self.checkpoint is None:
+            raise CommandLineError("evaluate.py: --ckpt_path is required (a checkpoint written by train.py)")
+        config_files = [str(c) for c in (options.get("config") or [])]
+        check_config_matches_checkpoint(options.as_dict(), self.checkpoint.get("hyper_parameters", {}),
+                                        ", ".join(config_files) or "(none)", options["ckpt_path"])
+
     def _instantiate_trainer(self, config: Dict, callbacks: list):
         config = dict(config, logger=False)  # the tables and events go next to the checkpoint's run
         return super()._instantiate_trainer(config, callbacks)
@@ -124,13 +199,8 @@ class EvaluateCLI(AlignSAMCLI):
         from alignsam.evaluation.strategies import check_strategies
 
         options = self.config[self.subcommand]
-        ckpt = options.get("ckpt_path")
-        if not ckpt:
-            raise SystemExit("evaluate.py: --ckpt_path is required (a checkpoint written by train.py)")
-        if not Path(ckpt).is_file():
-            raise SystemExit(f"evaluate.py: --ckpt_path: no checkpoint file at {ckpt}")
         if options.get("oracle_clicks", 20) < 1:
-            raise SystemExit("evaluate.py: --oracle_clicks must be >= 1")
+            raise CommandLineError("evaluate.py: --oracle_clicks must be >= 1")
         model = self.model
         if options.get("strategies"):
             model.test_strategies = check_strategies(options["strategies"], model.matcher is not None)
@@ -147,7 +217,7 @@ class EvaluateCLI(AlignSAMCLI):
         if not self.trainer.is_global_zero or not model.test_table:
             return
         ckpt = Path(options["ckpt_path"]).resolve()
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        run_dir = run_dir_of(ckpt)
         split = getattr(self.datamodule, "hparams", {}).get("test_split", "test")
         default_dir = run_dir / ("evaluation" if split == "test" else f"evaluation_{split}")
         out_dir = Path(options.get("results_dir") or default_dir)
@@ -175,10 +245,25 @@ class EvaluateCLI(AlignSAMCLI):
                     writer.add_scalar(f"test_{strategy}/{column}", value, 0)
 
 
-def evaluate_main(args=None) -> None:
-    """``evaluate.py``: ``test`` (implied) on a dataset split, or ``predict`` on a folder of images."""
-    import sys
+def with_run_config(argv: List[str]) -> List[str]:
+    """``argv`` with ``--config <run>/config.yaml`` added when it names no config: the run's own
+    config (written by train.py beside its checkpoints) is the one the checkpoint fits."""
+    if any(a in ("-c", "--config") or a.startswith("--config=") for a in argv) or any(a in ("-h", "--help") for a in argv):
+        return argv
+    ckpt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--ckpt_path"), None)
+    ckpt = ckpt or next((a.split("=", 1)[1] for a in argv if a.startswith("--ckpt_path=")), None)
+    if ckpt is None:
+        raise CommandLineError("evaluate.py: --ckpt_path is required (a checkpoint written by train.py)")
+    config = run_dir_of(ckpt) / "config.yaml"
+    if not config.is_file():
+        raise CommandLineError(f"evaluate.py: no --config given and no run config at {config}; "
+                               f"pass the config the checkpoint was trained with (--config conf/<task>.yaml)")
+    return [argv[0], "--config", str(config), *argv[1:]]
 
+
+def evaluate_main(args=None) -> None:
+    """``evaluate.py``: ``test`` (implied) on a dataset split, or ``predict`` on a folder of images.
+    A UserError ends as one line and exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "predict":
         from alignsam.evaluation.predict import main as predict_main
@@ -186,8 +271,13 @@ def evaluate_main(args=None) -> None:
         raise SystemExit(predict_main(argv[1:]))
     if not argv or argv[0] != "test":
         argv.insert(0, "test")  # also for -h: the help of test, whose options are evaluate.py's
-    if args is None:
-        sys.argv[1:] = argv
-        EvaluateCLI()
-    else:
-        EvaluateCLI(args=argv)
+
+    def run() -> None:
+        full = with_run_config(argv)
+        if args is None:
+            sys.argv[1:] = full
+            EvaluateCLI()
+        else:
+            EvaluateCLI(args=full)
+
+    exit_on_user_error(run)

@@ -346,7 +346,7 @@ class PrecomputeFeatures(Callback):
                 map_hw=pl_module.segmenter.low_res_hw if pl_module.matcher is not None else None,
                 device=trainer.strategy.root_device, encode_chunk=self.encode_chunk,
                 rank=trainer.global_rank, world_size=trainer.world_size,
-                show_progress=trainer.progress_bar_callback is not None,
+                show_progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,
             )
         except Exception as err:  # re-raised below, once every rank knows
             error = err
