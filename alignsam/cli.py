@@ -21,8 +21,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from alignsam.data.features import precompute_features
-from alignsam.errors import CommandLineError, exit_on_user_error
+from alignsam.data.precompute import PrecomputeFeatures
+from alignsam.errors import CommandLineError, check_range, exit_on_user_error
 from alignsam.metrics import HEADLINE_METRICS
 from alignsam.module import AlignSAM
 from alignsam.run_files import check_config_matches_checkpoint, read_run_checkpoint, run_dir_of
@@ -51,16 +51,29 @@ class AlignSAMCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its two optimizers
         super().__init__(AlignSAM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
 
+    # splits whose features are cached before the loop of each subcommand
+    PRECOMPUTE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("train", "test")}
+
     def _instantiate_trainer(self, config: Dict, callbacks: list):
-        """Adds a rich progress bar unless the config has one or sets ``trainer.enable_progress_bar: false``."""
+        """Adds a rich progress bar unless the config has one or sets ``trainer.enable_progress_bar: false``,
+        and the feature precompute (:class:`PrecomputeFeatures`: every rank embeds its shard of the
+        splits, then all wait until the cache is full) unless ``--precompute false``."""
         given = list(config.get("callbacks") or []) + list(callbacks)
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = list(callbacks) + [RichProgressBar()]
+        options = self.config[self.subcommand] if self.subcommand else self.config
+        if options.get("precompute", True) and self.subcommand in self.PRECOMPUTE_SPLITS:
+            callbacks = list(callbacks) + [PrecomputeFeatures(self.PRECOMPUTE_SPLITS[self.subcommand],
+                                                              encode_chunk=options.get("encode_chunk", 1))]
         return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--precompute", type=bool, default=True,
-                            help="embed every image into the feature cache before training (with a progress bar)")
+                            help="embed every image into the feature cache before the loop (a progress bar per split; "
+                                 "under DDP each rank embeds its share)")
+        parser.add_argument("--encode_chunk", type=int, default=1,
+                            help="images per SAM encoder call while precomputing (peak memory grows by about 2.5 GiB "
+                                 "per image for ViT-B at 1024 px; raise it only on a GPU with memory to spare)")
 
     # -- parsing: every mistake is one line, found before any model is built -------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -70,29 +83,9 @@ class AlignSAMCLI(LightningCLI):
             raise parse_error_to_user_error(error, parser) from None
         self.checkpoint = None
         options = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        check_range("encode_chunk", options.get("encode_chunk", 1), 1)
         if options.get("ckpt_path"):
             self.checkpoint = read_run_checkpoint(options["ckpt_path"])
-
-    def before_fit(self) -> None:
-        if self.config[self.subcommand].get("precompute", True):
-            self.precompute()
-
-    def precompute(self, splits=("train_dataset", "val_dataset")) -> None:
-        """Fill the feature cache for the given splits (a no-op where it is already full)."""
-        model, data = self.model, self.datamodule
-        device = "gpu" if self.trainer.strategy.root_device.type == "cuda" else "cpu"
-        callbacks = [RichProgressBar()] if self.trainer.progress_bar_callback is not None else []
-        for name in splits:
-            dataset = getattr(data, name, None)
-            if dataset is None:
-                continue
-            stats = precompute_features(
-                model.segmenter, dataset, model.store, batch_size=8,
-                trainer_kwargs={"accelerator": device, "devices": 1, "callbacks": callbacks,
-                                "enable_progress_bar": bool(callbacks)},
-                matcher=model.matcher, map_hw=model.segmenter.low_res_hw if model.matcher is not None else None,
-            )
-            log.info("feature cache for %s: %s", name, stats)
 
     def after_fit(self) -> None:
         """On every rank (the steps below are collective under DDP): validate the final weights when
@@ -207,8 +200,6 @@ class EvaluateCLI(AlignSAMCLI):
         model.oracle_clicks = options.get("oracle_clicks", 20)
         if options.get("save_predictions"):
             model.prediction_hook = PredictionSaver(options["save_predictions"], model.segmenter)
-        if options.get("precompute", True):
-            self.precompute(("train_dataset", "test_dataset"))
 
     def after_test(self) -> None:
         from alignsam.evaluation.tables import write_tables

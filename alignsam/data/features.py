@@ -18,9 +18,8 @@ Entries (one file each, see :mod:`alignsam.data.feature_files`):
 
 The training code calls :meth:`FeatureStore.embeddings` / :meth:`FeatureStore.text_maps`, which read
 what is cached and compute only what is missing. :mod:`alignsam.data.precompute` fills the store
-before training, one image per embed call and each rank its shard. :func:`precompute_features`
-(Lightning's predict loop, 8 images per embed call by default) is the older path, kept only until
-``alignsam/cli.py`` moves to :class:`~alignsam.data.precompute.PrecomputeFeatures`.
+before training (:class:`~alignsam.data.precompute.PrecomputeFeatures`), one image per embed call
+and each rank its shard.
 """
 from __future__ import annotations
 
@@ -32,11 +31,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
 
 from alignsam.data.feature_files import CorruptEntryError, read_entry, remove_stale_temp_files, write_entry
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
@@ -334,98 +331,3 @@ class FeatureStore:
 
         entries = self._read_or_compute(TEXT_MAP_KIND, keys, metas, ("map",), compute, chunk_size)
         return torch.stack([e["map"] for e in entries]).to(device)
-
-
-# -- precomputation through Lightning's predict loop -----------------------------------------------
-class FeatureWriter(pl.LightningModule):
-    """``predict_step`` = make sure a batch of samples is in the store (computing what is missing).
-
-    The frozen models are held outside ``nn.Module`` registration: they are not in this module's
-    ``state_dict`` and Lightning's precision plugin does not touch them; they are moved to this
-    rank's device for the loop and back afterwards, and stay in eval mode under no_grad.
-
-    Args:
-        segmenter: the frozen SAM whose embeddings are cached.
-        store: where entries go.
-        matcher: optionally a text matcher; then the samples' ``"text"`` maps at ``map_hw`` too.
-        map_hw: ``(h, w)`` of the cached maps (required with ``matcher``).
-        chunk_size: images per ``embed`` / ``similarity`` call.
-        options: extra key material, as in :meth:`FeatureStore.embeddings`.
-    """
-
-    def __init__(
-        self,
-        segmenter: Segmenter,
-        store: FeatureStore,
-        matcher: Optional[TextMatcherLike] = None,
-        map_hw: Optional[Tuple[int, int]] = None,
-        chunk_size: int = 16,
-        options: Optional[Mapping[str, Any]] = None,
-    ) -> None:
-        super().__init__()
-        if matcher is not None and map_hw is None:
-            raise ValueError("FeatureWriter: map_hw (the cached map size) is required when a matcher is given")
-        object.__setattr__(self, "segmenter", segmenter)  # not a registered submodule
-        object.__setattr__(self, "matcher", matcher)
-        self.store, self.map_hw, self.chunk_size, self.options = store, map_hw, chunk_size, options
-        self._home_devices: Dict[str, torch.device] = {}
-
-    def _frozen_modules(self) -> Dict[str, nn.Module]:
-        return {n: m for n, m in (("segmenter", self.segmenter), ("matcher", self.matcher)) if isinstance(m, nn.Module)}
-
-    def on_predict_start(self) -> None:
-        for name, module in self._frozen_modules().items():
-            tensors = [*module.parameters(), *module.buffers()]
-            self._home_devices[name] = tensors[0].device if tensors else torch.device("cpu")
-            module.to(self.device).eval()
-
-    def on_predict_end(self) -> None:
-        for name, module in self._frozen_modules().items():
-            module.to(self._home_devices.get(name, torch.device("cpu")))
-
-    def predict_step(self, batch: List[Sample], batch_idx: int) -> int:
-        """Read or compute (and write) the batch's entries; returns the number of samples covered."""
-        with torch.no_grad():
-            self.store.embeddings(self.segmenter, batch, self.chunk_size, self.options)
-            if self.matcher is not None:
-                self.store.text_maps(self.matcher, batch, self.map_hw, self.chunk_size, self.options)
-        return len(batch)
-
-
-def collate_samples(batch: List[Sample]) -> List[Sample]:
-    """Keep a batch as the list of sample dicts (images differ in size)."""
-    return list(batch)
-
-
-def precompute_features(
-    segmenter: Segmenter,
-    dataset: Dataset,
-    store: FeatureStore,
-    trainer_kwargs: Optional[Mapping[str, Any]] = None,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    matcher: Optional[TextMatcherLike] = None,
-    map_hw: Optional[Tuple[int, int]] = None,
-    chunk_size: Optional[int] = None,
-    options: Optional[Mapping[str, Any]] = None,
-) -> CacheStats:
-    """Fill ``store`` with the embeddings (and maps) of every sample of ``dataset``.
-
-    Runs ``Trainer(**trainer_kwargs).predict`` over the dataset (un-augmented samples: the cache is
-    keyed by pixel content). With several devices and ``strategy="ddp"`` each rank embeds its shard
-    of the dataset; entries are written atomically, so ranks never see partial files.
-
-    Args:
-        trainer_kwargs: overrides of the defaults ``accelerator="auto", devices="auto",
-            logger=False, enable_checkpointing=False, enable_model_summary=False``.
-        batch_size: samples per predict step; chunk_size (default batch_size) images per embed call.
-    Returns:
-        what this process's store did during the run (hits, misses, writes, corrupt entries).
-    """
-    kwargs = dict(accelerator="auto", devices="auto", logger=False, enable_checkpointing=False, enable_model_summary=False)
-    kwargs.update(trainer_kwargs or {})
-    writer = FeatureWriter(segmenter, store, matcher, map_hw, chunk_size or batch_size, options)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples)
-    before = CacheStats(**vars(store.stats))
-    pl.Trainer(**kwargs).predict(writer, dataloaders=loader, return_predictions=False)
-    return store.stats.minus(before)

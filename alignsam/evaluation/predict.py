@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from alignsam.errors import UserError, traceback_requested
 from alignsam.evaluation.images import ImageFolderError, iter_images, list_images, output_stems
 from alignsam.evaluation.scoring import original_logits
 from alignsam.evaluation.writer import save_binary_prediction, save_label_map_prediction
@@ -133,16 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_agent(ckpt_path: str, device: str, segmenter_checkpoint: Optional[str] = None, feature_cache: Optional[str] = None):
     """The trained agent from a train.py checkpoint (its configs come from the checkpoint)."""
-    from alignsam.module import AlignSAM, SegmenterConfig
+    from dataclasses import asdict, is_dataclass
+
+    from alignsam.module import AlignSAM
+    from alignsam.run_files import read_run_checkpoint
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {path}")
+    hparams = read_run_checkpoint(path)["hyper_parameters"]
     overrides = {}
     if segmenter_checkpoint:
-        stored = torch.load(path, map_location="cpu", weights_only=True)["hyper_parameters"]["segmenter"]
-        name = stored["name"] if isinstance(stored, dict) else stored.name
-        overrides["segmenter"] = SegmenterConfig(name, segmenter_checkpoint)
+        stored = hparams["segmenter"]
+        stored = asdict(stored) if is_dataclass(stored) else dict(stored)
+        # a plain dict, as the module's hyperparameters hold it (a SegmenterConfig here was a TypeError)
+        overrides["segmenter"] = {**stored, "checkpoint": segmenter_checkpoint}
     if feature_cache:
         overrides["feature_cache"] = feature_cache
     module = AlignSAM.load_from_checkpoint(str(path), map_location=device, **overrides)
@@ -157,8 +161,10 @@ def main(argv: Sequence[str]) -> int:
         module = load_agent(args.ckpt_path, args.device, args.segmenter_checkpoint, args.feature_cache)
         episode_text(module, args.text)  # fails before any image is read
         written, failures = predict_folder(module, args.images, args.out, args.text, args.batch_size)
-    except (FileNotFoundError, ImageFolderError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (UserError, FileNotFoundError, ImageFolderError, ValueError) as error:
+        if traceback_requested():
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     for path, reason in failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)

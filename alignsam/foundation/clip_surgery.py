@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alignsam.foundation.segmenter import CheckpointError, file_fingerprint, read_checkpoint_file
+from alignsam.foundation.segmenter import CheckpointError, file_fingerprint, read_checkpoint_file, resolve_weights_path
 from alignsam.foundation.surgery import (  # the image side of the surgery
     check_surgery_compatible,
     feature_surgery_scores,
@@ -485,6 +485,7 @@ def build_text_matcher(
     """
     import alignsam.foundation.tiny_clip  # noqa: F401  registers "tiny"
 
+    checkpoint_path = resolve_weights_path(checkpoint_path)
     if model_name in TEXT_MATCHER_REGISTRY:
         return TEXT_MATCHER_REGISTRY[model_name](checkpoint_path, tokenizer=tokenizer, **options)
     return build_open_clip_matcher(model_name, checkpoint_path, tokenizer=tokenizer, **options)

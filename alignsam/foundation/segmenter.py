@@ -22,8 +22,8 @@ import torch.nn as nn
 from segment_anything.modeling import Sam
 
 from alignsam.atomic import write_text_atomic
-from alignsam.errors import UserError
-from alignsam.geometry import input_size_for, low_res_to_original, resize_image_for_sam
+from alignsam.errors import ConfigError, UserError
+from alignsam.geometry import low_res_to_original, resize_image_for_sam
 
 OFFICIAL_CHECKPOINTS: Dict[str, str] = {
     "vit_b": "sam_vit_b_01ec64.pth",
@@ -51,6 +51,24 @@ class CheckpointError(UserError, FileNotFoundError):
     """A segmenter or matcher checkpoint is missing or does not fit the architecture."""
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds checkpoints/ (bundled weights)
+
+
+def resolve_weights_path(path: Optional[Union[str, Path]]) -> Optional[str]:
+    """Where a configured weights path points, wherever the command runs.
+
+    A relative path is taken from the working directory when the file is there, else from the
+    project's root (so ``checkpoints/tiny_sam.pt``, stored in every bundled-world checkpoint, is
+    found from any folder); otherwise it is returned unchanged and the loader's error names it.
+    """
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / path).exists():
+        return str(path)
+    return str(PROJECT_ROOT / path)
+
+
 def read_checkpoint_file(path: Union[str, Path], expected_name: str, where: str):
     """``torch.load`` a local checkpoint, or raise one clear error naming the file.
 
@@ -61,8 +79,9 @@ def read_checkpoint_file(path: Union[str, Path], expected_name: str, where: str)
     """
     path = Path(path)
     if not path.is_file():
+        where_from = "" if path.is_absolute() else f", relative to the working directory {Path.cwd()}"
         raise CheckpointError(
-            f"checkpoint not found: {path} (expected the file '{expected_name}'; get it from {where} "
+            f"checkpoint not found: {path}{where_from} (expected the file '{expected_name}'; get it from {where} "
             f"and set the checkpoint path in the config)"
         )
     try:
@@ -482,5 +501,5 @@ def build_segmenter(name: str, checkpoint: Optional[str] = None) -> Segmenter:
     import alignsam.foundation.tiny  # noqa: F401  registers "tiny"
 
     if name not in SEGMENTER_REGISTRY:
-        raise KeyError(f"unknown segmenter '{name}' (config key segmenter.name); known: {sorted(SEGMENTER_REGISTRY)}")
-    return SEGMENTER_REGISTRY[name](checkpoint)
+        raise ConfigError("model.segmenter.name", f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTER_REGISTRY)}")
+    return SEGMENTER_REGISTRY[name](resolve_weights_path(checkpoint))

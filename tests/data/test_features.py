@@ -1,4 +1,4 @@
-"""Feature cache: keys, integrity, atomic writes, batched read-or-compute, predict-loop precompute."""
+"""Feature cache: keys, integrity, atomic writes, batched read-or-compute, (the precompute: tests/data/test_precompute.py)."""
 from __future__ import annotations
 
 import logging
@@ -16,8 +16,6 @@ from alignsam.data.features import (
     EMBEDDING_KIND,
     TEXT_MAP_KIND,
     FeatureStore,
-    FeatureWriter,
-    precompute_features,
 )
 from alignsam.foundation.segmenter import Segmenter, build_segmenter
 from alignsam.foundation.tiny import TinySamArch, build_tiny_sam
@@ -311,34 +309,3 @@ def test_text_maps_reject_a_matcher_with_the_wrong_output_shape(tmp_path):
 
     with pytest.raises(ValueError, match=r"Flat.similarity returned shape \(1, 12, 10\)"):
         FeatureStore(tmp_path).text_maps(Flat(), make_samples(1), (12, 10))
-
-
-# -- precompute through Lightning ------------------------------------------------------------------
-def test_precompute_fills_the_store_and_a_second_run_computes_nothing(tmp_path, segmenter, encoder_calls):
-    dataset = make_samples(4, seed=7)
-    store = FeatureStore(tmp_path)
-    matcher = StubMatcher()
-    trainer_kwargs = dict(accelerator="cpu", devices=1, enable_progress_bar=True)
-
-    stats = precompute_features(segmenter, dataset, store, trainer_kwargs, batch_size=2, matcher=matcher, map_hw=(8, 8))
-    assert encoder_calls == [2, 2] and matcher.calls == [2, 2]
-    assert stats.writes == 8 and len(store.entry_paths(EMBEDDING_KIND)) == 4 and len(store.entry_paths(TEXT_MAP_KIND)) == 4
-
-    stats = precompute_features(segmenter, dataset, store, trainer_kwargs, batch_size=2, matcher=matcher, map_hw=(8, 8))
-    assert encoder_calls == [2, 2] and matcher.calls == [2, 2]  # nothing recomputed
-    assert stats.writes == 0 and stats.hits == 8
-
-    reader = FeatureStore(tmp_path)  # what training then reads, without computing
-    reader.embeddings(segmenter, dataset)
-    assert reader.stats.hits == 4 and encoder_calls == [2, 2]
-    assert not segmenter.training and not any(p.requires_grad for p in segmenter.parameters())
-
-
-def test_feature_writer_does_not_own_the_frozen_model(tmp_path, segmenter):
-    writer = FeatureWriter(segmenter, FeatureStore(tmp_path), matcher=StubMatcher(), map_hw=(8, 8))
-    assert writer.state_dict() == {}
-    assert list(writer.parameters()) == [] and list(writer.children()) == []
-    writer.train()
-    assert not segmenter.training
-    with pytest.raises(ValueError, match="map_hw"):
-        FeatureWriter(segmenter, FeatureStore(tmp_path), matcher=StubMatcher())

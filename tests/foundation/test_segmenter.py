@@ -518,7 +518,7 @@ def test_tiny_checkpoint_round_trip(tmp_path, tiny, tiny_embedded):
 
 
 def test_unknown_segmenter_name_names_the_config_key():
-    with pytest.raises(KeyError, match="segmenter.name"):
+    with pytest.raises(ValueError, match="model.segmenter.name"):
         build_segmenter("vit_x")
 
 
