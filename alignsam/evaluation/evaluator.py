@@ -3,9 +3,17 @@
 The LightningModule owns one :class:`Evaluator` per validation / test epoch: validation scores the
 agent (and, once per run, the centre and random baselines); ``evaluate.py`` (the test loop) scores
 every strategy of :mod:`alignsam.evaluation.strategies` on the same batches and embeddings.
+
+A strategy that cannot score some episodes (PerSAM-style on a class missing from the few-shot
+draw) never stops the others: its unscored episodes leave its own numbers only (see
+:mod:`alignsam.evaluation.scoring` for what that means for the semantic tasks' label maps), the
+table shows how many it scored, and :meth:`Evaluator.compute` logs one warning per such strategy
+naming the classes.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # Called with (batch, embedded, outcome, original-size logits) for the agent's outcome of each batch.
 PredictionHook = Callable[[List[Dict], object, Outcome, List[torch.Tensor]], None]
 
+log = logging.getLogger(__name__)
+
 
 class Evaluator:
     """Scores ``strategies`` batch by batch.
@@ -30,7 +40,8 @@ class Evaluator:
         strategies: names from :data:`~alignsam.evaluation.strategies.STRATEGIES`; ``agent`` first.
         seed: seed of the random-click baseline (the same clicks on every run).
         oracle_clicks: clicks the oracle makes (its NoC is capped there).
-        train_samples: the few-shot training episodes (PerSAM's prototypes; needed for ``persam``).
+        train_samples: the few-shot training episodes (PerSAM's prototypes for ``persam``; without
+            them PerSAM scores no episode, and says so).
         on_agent: optional hook that receives the agent's predictions (``--save_predictions``).
     """
 
@@ -43,11 +54,12 @@ class Evaluator:
         self.on_agent = on_agent
         self.prototypes = None
         if any(n in NEEDS_PROTOTYPES for n in self.strategies):
-            if not train_samples:
-                raise ValueError("the persam strategy needs the few-shot training split (data.train_size > 0)")
-            self.prototypes = persam_prototypes(module, train_samples)
+            self.prototypes = persam_prototypes(module, train_samples) if train_samples else {}
         self.scores = StrategyScores(self.strategies, module.new_metrics, module.hparams.task in SEMANTIC_TASKS,
                                      module.device)
+        # strategy -> (reason, class id -> episode text) of its unscored episodes, for one warning
+        self._unscored: Dict[str, Tuple[str, Dict[int, str]]] = {}
+        self._warned = False
 
     @torch.no_grad()
     def add_batch(self, batch: List[Dict]) -> Tuple[Dict[str, Outcome], EmbeddedImages]:
@@ -58,14 +70,45 @@ class Evaluator:
         for name in self.strategies:
             outcome = RUNNERS[name](ctx)
             logits = original_logits(self.module.segmenter, outcome.logits, embedded)
-            self.scores.add(name, batch, logits, ctx.gts)
+            self.scores.add(name, batch, logits, ctx.gts, outcome.unscored)
             if outcome.curve is not None:
-                self.scores.add_curve(name, outcome.curve)
+                self.scores.add_curve(name, outcome.curve, outcome.unscored)
+            if outcome.unscored is not None and outcome.unscored.any():
+                _, classes = self._unscored.setdefault(name, (outcome.unscored_reason, {}))
+                for sample, left_out in zip(batch, outcome.unscored.tolist()):
+                    if left_out:
+                        classes.setdefault(int(sample.get("class_id", 0)), str(sample.get("text", "")))
             if name == "agent" and self.on_agent is not None:
                 self.on_agent(batch, embedded, outcome, logits)
             outcomes[name] = outcome
         return outcomes, embedded
 
     def compute(self) -> Dict[str, Dict[str, float]]:
-        """``{strategy: {column: value}}`` in strategy order (see :meth:`StrategyScores.compute`)."""
-        return self.scores.compute()
+        """``{strategy: {column: value}}`` in strategy order (see :meth:`StrategyScores.compute`);
+        the first call logs a warning per strategy that left episodes unscored."""
+        table = self.scores.compute()
+        if not self._warned:
+            self._warned = True
+            self._warn_unscored()
+        return table
+
+    def _warn_unscored(self) -> None:
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return
+        for name, cover in self.scores.last_coverage.items():  # every rank's counts, gathered by compute()
+            counts: Counter = cover["unscored"]
+            if not counts:
+                continue
+            reason, texts = self._unscored.get(name, ("the strategy could not score them", {}))
+            classes = ", ".join(f"class {c} ({texts[c]}): {counts[c]}" if texts.get(c) else f"class {c}: {counts[c]}"
+                                for c in sorted(counts))
+            if self.scores.semantic:
+                images = len(cover["images"])
+                kept = (f"its metrics cover {images - len(cover['excluded_images'])} of {images} images (those "
+                        f"without such an episode); the other strategies cover all {images}")
+            else:
+                kept = f"its metrics cover the {cover['scored']} it scored; the other strategies cover all {cover['total']}"
+            log.warning("strategy %s: %d of %d episodes not scored (%s): %s; %s", name, cover["total"] - cover["scored"],
+                        cover["total"], reason, classes, kept)

@@ -9,13 +9,32 @@ NoC@x (number of clicks to reach IoU x, the interactive-segmentation measure) co
 SAM has received when the episode's IoU first reaches x, the strategy's seed prompts included (the
 agent's P_0); an episode that never reaches x counts as the strategy's largest prompt count, and
 the share of such episodes is reported as ``fail@x``.
+
+Episodes a strategy could not score (:attr:`~alignsam.evaluation.strategies.Outcome.unscored`, e.g.
+PerSAM-style on a class that no few-shot training episode shows) are left out of that strategy's
+numbers only, never of the other strategies':
+
+* binary tasks: the episode (= the image) leaves its metrics, click curve and NoC;
+* semantic tasks (``voc``, ``categories``): the metric is over per-image label maps, and a label
+  map without one of its classes' predictions would score that class as missed, which is not
+  what the strategy would have done. So an image with an unscored episode leaves the strategy's
+  label maps whole (its other episodes are not used either); the click curve and NoC, which are
+  per episode, leave out only the unscored episodes.
+
+The strategy's mIoU is then over fewer images than the other rows'; the table says so. When any
+strategy left episodes out, every row gets ``episodes`` (scored) and ``episodes_total``, the
+semantic tasks also ``images`` (label maps in the metric) and ``images_total``, and the strategy's
+row ``unscored@<class id>`` (episodes of that class left out); the Markdown table shows
+``scored/total`` and a footnote per such strategy (:mod:`alignsam.evaluation.tables`).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
+import torch.distributed as dist
 from torchmetrics import MetricCollection
 
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
@@ -59,6 +78,15 @@ def no_clicks(curve: ClickCurve, threshold: float) -> tuple[torch.Tensor, torch.
     return torch.where(failed, curve.prompts.max().float().expand_as(prompts), prompts), failed
 
 
+def _gathered(value) -> list:
+    """``value`` of every rank (``[value]`` outside distributed runs), for Python-side counts."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
 class StrategyScores:
     """Accumulates, per strategy, the task metrics, the click curves and NoC over a split.
 
@@ -68,6 +96,8 @@ class StrategyScores:
         semantic: whether episodes are assembled into label maps (``voc``, ``categories``) before
             the metrics; per-click IoU and NoC stay per episode.
         device: where the metric states live.
+
+    Episodes a strategy could not score are left out of its numbers (see the module docstring).
     """
 
     def __init__(self, names: Sequence[str], new_metrics: Callable[[], MetricCollection], semantic: bool,
@@ -81,20 +111,48 @@ class StrategyScores:
         self.curve_clicks: Dict[str, torch.Tensor] = {}
         self.noc: Dict[str, Dict[float, List[torch.Tensor]]] = {}
         self.device = device
+        self.scored = {name: 0 for name in self.names}  # episodes
+        self.total = {name: 0 for name in self.names}
+        self.unscored: Dict[str, Counter] = {name: Counter() for name in self.names}  # class id -> episodes
+        self.images: Dict[str, Set[str]] = {name: set() for name in self.names}  # semantic: every image seen
+        self.excluded_images: Dict[str, Set[str]] = {name: set() for name in self.names}
+        self.last_coverage: Dict[str, Dict[str, object]] = {}  # what the last compute() used
 
     def add(self, name: str, batch: Sequence[Dict], logits: Sequence[torch.Tensor],
-            gts: Sequence[torch.Tensor]) -> None:
+            gts: Sequence[torch.Tensor], unscored: Optional[torch.Tensor] = None) -> None:
         """Final original-size logits ``(H_b, W_b)`` of one batch of episodes, with their bool
-        ground truth ``(H_b, W_b)`` (the binary tasks' targets; label maps come from ``batch``)."""
-        if self.semantic:
-            for sample, logit in zip(batch, logits):
-                self.assemblers[name].add(str(sample["image_id"]), int(sample["class_id"]), logit, sample["label_map"])
-            return
-        probs = [torch.sigmoid(logit).clamp(0, 1).to(self.device) for logit in logits]
-        self.metrics[name].update(probs, [gt.to(self.device) for gt in gts])
+        ground truth ``(H_b, W_b)`` (the binary tasks' targets; label maps come from ``batch``).
 
-    def add_curve(self, name: str, curve: ClickCurve) -> None:
-        """The click curve of one batch (every batch of a strategy must have the same rows)."""
+        ``unscored`` ``(B,)`` bool: episodes the strategy could not score (their logits are ignored).
+        """
+        skip = [False] * len(batch) if unscored is None else [bool(u) for u in unscored.tolist()]
+        self.total[name] += len(batch)
+        self.scored[name] += skip.count(False)
+        for sample, left_out in zip(batch, skip):
+            if left_out:
+                self.unscored[name][int(sample.get("class_id", 0))] += 1
+        if self.semantic:
+            for sample, logit, left_out in zip(batch, logits, skip):
+                image_id = str(sample["image_id"])
+                self.images[name].add(image_id)
+                if left_out:
+                    self.excluded_images[name].add(image_id)
+                else:
+                    self.assemblers[name].add(image_id, int(sample["class_id"]), logit, sample["label_map"])
+            return
+        kept = [i for i, left_out in enumerate(skip) if not left_out]
+        if kept:
+            probs = [torch.sigmoid(logits[i]).clamp(0, 1).to(self.device) for i in kept]
+            self.metrics[name].update(probs, [gts[i].to(self.device) for i in kept])
+
+    def add_curve(self, name: str, curve: ClickCurve, unscored: Optional[torch.Tensor] = None) -> None:
+        """The click curve of one batch (every batch of a strategy must have the same rows);
+        ``unscored`` ``(B,)`` bool episodes are left out."""
+        if unscored is not None:
+            keep = ~unscored.to(curve.ious.device, torch.bool)
+            if not keep.any():
+                return
+            curve = ClickCurve(curve.ious[:, keep], curve.clicks, curve.prompts)
         sums = curve.ious.sum(1)
         if name in self.curve_sums:
             self.curve_sums[name] = self.curve_sums[name] + sums
@@ -106,15 +164,51 @@ class StrategyScores:
         for threshold in NOC_THRESHOLDS:
             self.noc[name][threshold].append(torch.stack(no_clicks(curve, threshold)))
 
+    def coverage(self) -> Dict[str, Dict[str, object]]:
+        """Per strategy, over every rank: ``scored`` / ``total`` episodes, ``unscored`` (a Counter of
+        class ids), and for the semantic tasks ``images`` (ids seen) and ``excluded_images``."""
+        local = {name: {"scored": self.scored[name], "total": self.total[name],
+                        "unscored": dict(self.unscored[name]), "images": sorted(self.images[name]),
+                        "excluded_images": sorted(self.excluded_images[name])} for name in self.names}
+        merged: Dict[str, Dict[str, object]] = {
+            name: {"scored": 0, "total": 0, "unscored": Counter(), "images": set(), "excluded_images": set()}
+            for name in self.names}
+        for part in _gathered(local):
+            for name, values in part.items():
+                into = merged[name]
+                into["scored"] += values["scored"]
+                into["total"] += values["total"]
+                into["unscored"].update(values["unscored"])
+                into["images"].update(values["images"])
+                into["excluded_images"].update(values["excluded_images"])
+        return merged
+
     def compute(self) -> Dict[str, Dict[str, float]]:
-        """One row per strategy: the task metrics, then ``noc@85``, ``fail@85``, ..., ``iou@k``."""
+        """One row per strategy: the task metrics, then ``noc@85``, ``fail@85``, ..., ``iou@k``.
+
+        When some strategy left episodes unscored, every row also gets the coverage columns of the
+        module docstring; a strategy that scored nothing has no metric columns.
+        """
+        coverage = self.last_coverage = self.coverage()
+        partial = any(c["scored"] < c["total"] for c in coverage.values())
         table: Dict[str, Dict[str, float]] = {}
         for name in self.names:
-            metrics = self.metrics[name]
+            metrics, cover = self.metrics[name], coverage[name]
+            used = cover["scored"]
             if self.semantic:
                 preds, targets = self.assemblers[name].label_maps()
-                metrics.update([p.to(self.device) for p in preds], [t.to(self.device) for t in targets])
-            row = {k: float(v) for k, v in metrics.compute().items()}
+                kept = [i for i, image_id in enumerate(self.assemblers[name].image_ids())
+                        if image_id not in cover["excluded_images"]]
+                metrics.update([preds[i].to(self.device) for i in kept], [targets[i].to(self.device) for i in kept])
+                used = len(cover["images"]) - len(cover["excluded_images"])
+            row = {k: float(v) for k, v in metrics.compute().items()} if used > 0 else {}
+            if partial:
+                row["episodes"], row["episodes_total"] = float(cover["scored"]), float(cover["total"])
+                if self.semantic:
+                    row["images"] = float(len(cover["images"]) - len(cover["excluded_images"]))
+                    row["images_total"] = float(len(cover["images"]))
+                for class_id, count in sorted(cover["unscored"].items()):
+                    row[f"unscored@{class_id}"] = float(count)
             if name in self.curve_sums:
                 for threshold, parts in self.noc[name].items():
                     noc, failed = torch.cat(parts, 1)

@@ -18,7 +18,9 @@ single_step    the trained agent with T = 1
 clip_surgery   CLIP Surgery's point recipe: the ceil(T/2) patches of highest text similarity
                (positive) and floor(T/2) of lowest (negative); explicit configs only (needs the matcher)
 persam         PerSAM-style, training-free: cosine similarity of each embedding cell to the mean target
-               feature of the few-shot training images; best cell positive, worst negative
+               feature of the few-shot training images of the episode's class; best cell positive,
+               worst negative. An episode whose class no few-shot training episode shows (a 50-image
+               draw from VOC often misses a rare class) is not scored: see ``Outcome.unscored``
 oracle         the standard click simulator: each next click at the interior of the largest error
                region, labelled by the ground truth (an upper bound, not a competitor); its metrics
                are those after T clicks, its click curve and NoC go on to ``--oracle_clicks``
@@ -26,6 +28,11 @@ oracle         the standard click simulator: each next click at the interior of 
 
 The ablations reuse the trained agent's networks; no strategy sees the test ground truth except the
 oracle. Clicks on the action grid are at patch centres, as the agent's.
+
+A strategy that cannot score some episodes marks them in :attr:`Outcome.unscored` (with a reason)
+instead of raising: they leave that strategy's numbers only (how, for the semantic tasks' label
+maps, is in :mod:`alignsam.evaluation.scoring`), the table shows how many it scored, and the
+evaluator logs one warning per strategy naming the classes.
 """
 from __future__ import annotations
 
@@ -68,20 +75,25 @@ class Outcome:
 
     logits ``(B, 1, 4h, 4w)`` SAM's final low-res logits; points ``(B, n, 2)`` (SAM frame) and
     labels ``(B, n)`` every prompt (label -1 = padding, ignored by SAM); curve: IoU after each click
-    (sequential strategies only).
+    (sequential strategies only); unscored: ``(B,)`` bool, the episodes the strategy could not
+    score (their logits are placeholders, left out of its metrics), None when it scored all;
+    unscored_reason: why, for the warning (e.g. "no few-shot training episode of its class").
     """
 
     logits: torch.Tensor
     points: torch.Tensor
     labels: torch.Tensor
     curve: Optional[ClickCurve] = None
+    unscored: Optional[torch.Tensor] = None
+    unscored_reason: str = ""
 
 
 @dataclass
 class BatchContext:
     """One batch, prepared once and shared by every strategy.
 
-    prototypes: PerSAM's mean target feature ``(C,)`` per class id (0 for the binary tasks).
+    prototypes: PerSAM's mean target feature ``(C,)`` per class id (0 for the binary tasks); empty
+    when there are no few-shot training episodes (then PerSAM scores nothing).
     """
 
     module: "AlignSAM"
@@ -187,15 +199,22 @@ def clip_surgery(ctx: BatchContext) -> Outcome:
 
 
 def persam(ctx: BatchContext) -> Outcome:
-    if not ctx.prototypes:
+    """Episodes of a class without a prototype are decoded with a zero feature (a placeholder, so
+    the batch stays one decode) and marked unscored."""
+    if ctx.prototypes is None:
         raise ValueError("the persam strategy needs the few-shot prototypes (persam_prototypes)")
+    embeddings = ctx.episodes.embeddings
     ids = [int(s.get("class_id", 0)) for s in ctx.batch]
-    missing = sorted(set(ids) - set(ctx.prototypes))
-    if missing:
-        raise ValueError(f"persam: no few-shot training episode of class id(s) {missing}")
-    protos = torch.stack([ctx.prototypes[i] for i in ids]).to(ctx.episodes.embeddings.device)
-    prior = baselines.cosine_location_prior(ctx.episodes.embeddings, protos)
-    return ctx.decode(*baselines.best_and_worst_cells(prior, ctx.episodes.region, ctx.module.segmenter.img_size))
+    placeholder = torch.zeros(embeddings.shape[1])
+    protos = torch.stack([ctx.prototypes.get(i, placeholder).float() for i in ids]).to(embeddings.device)
+    prior = baselines.cosine_location_prior(embeddings, protos)
+    outcome = ctx.decode(*baselines.best_and_worst_cells(prior, ctx.episodes.region, ctx.module.segmenter.img_size))
+    unscored = torch.tensor([i not in ctx.prototypes for i in ids])
+    if unscored.any():
+        outcome.unscored = unscored
+        outcome.unscored_reason = ("no few-shot training episode of its class" if ctx.prototypes
+                                   else "no few-shot training episode with a target (no training split?)")
+    return outcome
 
 
 def oracle(ctx: BatchContext) -> Outcome:

@@ -5,6 +5,13 @@ Columns are the task's headline metrics first, then its other metrics, then NoC 
 ``fail@85``, ``noc@90``, ``fail@90``), then the IoU after each click (``iou@0`` = after the seed
 prompts only). The Markdown table stops the per-click columns at the agent's last click; the CSV
 keeps every column (the oracle's clicks go further).
+
+Coverage: when some strategy could not score every episode (PerSAM-style on a class missing from
+the few-shot draw; see :mod:`alignsam.evaluation.scoring`), every row has ``episodes`` /
+``episodes_total`` (and, for the semantic tasks, ``images`` / ``images_total``: the label maps its
+metrics cover), after the metrics; such a strategy's row has ``unscored@<class id>`` (episodes of
+that class left out), last. The Markdown table shows ``scored/total`` in one column and, under the
+table, one footnote per such strategy naming the count and the classes; the CSV keeps the numbers.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ from alignsam.metrics import HEADLINE_METRICS
 Table = Dict[str, Dict[str, float]]
 _CLICK = re.compile(r"^iou@(\d+)$")
 _NOC = ("noc@85", "fail@85", "noc@90", "fail@90")
+_COVERAGE = ("episodes", "episodes_total", "images", "images_total")
+_UNSCORED = re.compile(r"^unscored@(-?\d+)$")
+_MARKDOWN_HIDDEN = ("episodes_total", "images_total")  # shown inside the "scored/total" cells
 
 
 def columns(table: Table, task: str, max_click: Optional[int] = None) -> List[str]:
@@ -33,8 +43,11 @@ def columns(table: Table, task: str, max_click: Optional[int] = None) -> List[st
     if max_click is not None:
         clicks = [c for c in clicks if c <= max_click]
     headline = [k for k in HEADLINE_METRICS.get(task, []) if k in seen]
-    metrics = [k for k in seen if k not in headline and k not in _NOC and not _CLICK.match(k)]
-    return headline + metrics + [k for k in _NOC if k in seen] + [f"iou@{c}" for c in clicks]
+    metrics = [k for k in seen if k not in headline and k not in _NOC and k not in _COVERAGE
+               and not _CLICK.match(k) and not _UNSCORED.match(k)]
+    unscored = sorted((k for k in seen if _UNSCORED.match(k)), key=lambda k: int(_UNSCORED.match(k).group(1)))
+    return (headline + metrics + [k for k in _COVERAGE if k in seen] + [k for k in _NOC if k in seen]
+            + [f"iou@{c}" for c in clicks] + unscored)
 
 
 def _cell(value: Optional[float]) -> str:
@@ -43,13 +56,57 @@ def _cell(value: Optional[float]) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
+def _markdown_cell(row: Dict[str, float], name: str) -> str:
+    if name in ("episodes", "images") and name in row and f"{name}_total" in row:
+        return f"{int(row[name])}/{int(row[name + '_total'])}"
+    return _cell(row.get(name))
+
+
 def to_markdown(table: Table, names: List[str]) -> str:
-    """One row per strategy (its readable label), one column per name; ``-`` where not applicable."""
+    """One row per strategy (its readable label), one column per name; ``-`` where not applicable.
+
+    Coverage shows as ``scored/total`` under ``episodes`` (and ``images``); the ``unscored@<id>``
+    counts are left to :func:`coverage_notes`."""
+    names = [k for k in names if k not in _MARKDOWN_HIDDEN and not _UNSCORED.match(k)]
     lines = ["| strategy | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for strategy, row in table.items():
         label = LABELS.get(strategy, strategy)
-        lines.append(f"| {label} | " + " | ".join(_cell(row.get(k)) for k in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(_markdown_cell(row, k) for k in names) + " |")
     return "\n".join(lines)
+
+
+def _class_name(task: str, class_id: int) -> Optional[str]:
+    """The readable name of a semantic task's class id (None for the binary tasks)."""
+    if task == "voc":
+        from alignsam.data.voc import VOC_CLASS_TEXTS as names
+    elif task == "categories":
+        from alignsam.data.scenes import CATEGORY_NAMES as names
+    else:
+        return None
+    return names[class_id - 1] if 1 <= class_id <= len(names) else None
+
+
+def coverage_notes(table: Table, task: str) -> List[str]:
+    """One footnote per strategy that left episodes unscored: how many, of which classes, and
+    what its metrics cover (empty when every strategy scored every episode)."""
+    notes = []
+    for strategy, row in table.items():
+        unscored = {int(_UNSCORED.match(k).group(1)): int(v) for k, v in row.items() if _UNSCORED.match(k)}
+        if not unscored or "episodes_total" not in row:
+            continue
+        scored, total = int(row["episodes"]), int(row["episodes_total"])
+        classes = ", ".join(f"class {c}" + (f" ({_class_name(task, c)})" if _class_name(task, c) else "")
+                            + f": {n}" for c, n in sorted(unscored.items()))
+        if "images_total" in row:
+            images, all_images = int(row["images"]), int(row["images_total"])
+            cover = (f"its metrics cover {images} of {all_images} images, those without such an episode (a "
+                     f"label map needs every episode of its image); the other rows cover all {all_images}")
+        else:
+            cover = f"its metrics cover the {scored} it scored; the other rows cover all {total}"
+        which = "" if set(unscored) == {0} else f", {classes}"  # the binary tasks have one class, 0
+        notes.append(f"* {LABELS.get(strategy, strategy)}: {total - scored} of {total} episodes not "
+                     f"scored{which}; {cover}.")
+    return notes
 
 
 def to_csv(table: Table, names: List[str]) -> str:
@@ -65,6 +122,9 @@ def to_csv(table: Table, names: List[str]) -> str:
 def write_tables(directory: Path, stem: str, table: Table, task: str, steps: int, header: str) -> Tuple[Path, Path]:
     """``<directory>/<stem>.md`` (header + table up to click ``steps``) and ``<stem>.csv``, atomically."""
     markdown = header.rstrip() + "\n\n" + to_markdown(table, columns(table, task, steps)) + "\n"
+    notes = coverage_notes(table, task)
+    if notes:
+        markdown += "\n" + "\n".join(notes) + "\n"
     md = write_text_atomic(Path(directory) / f"{stem}.md", markdown)
     csv_path = write_text_atomic(Path(directory) / f"{stem}.csv", to_csv(table, columns(table, task)))
     return md, csv_path
