@@ -345,7 +345,9 @@ class AlignSAM(L.LightningModule):
             self._baseline_results = {k: v for k, v in table.items() if k != "agent"}
         table.update({k: v for k, v in self._baseline_results.items() if k not in table})
         self.validation_table = table
-        self.validation_epoch = self.current_epoch + 1  # epochs trained when this table was made
+        # epochs trained when this table was made: inside fit the epoch in progress counts; a
+        # validate() after fit (train.py's final validation) sees current_epoch = epochs done
+        self.validation_epoch = self.current_epoch + (1 if self.trainer.state.fn == "fit" else 0)
         self._log_table("val", table)
 
     def on_test_epoch_end(self) -> None:
