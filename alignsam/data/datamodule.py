@@ -142,6 +142,10 @@ class _FewShotDataModule(L.LightningDataModule):
         self.train_dataset: Optional[Dataset] = episodes[id(pools["train"])] if "train" in pools else None
         self.val_dataset: Optional[Dataset] = episodes[id(pools["val"])] if "val" in pools else None
         self.test_dataset: Optional[Dataset] = episodes[id(pools["test"])] if "test" in pools else None
+        if check_files != "none":
+            # every mask that train.py or evaluate.py will read, decoded once now: a bad val or test
+            # mask stops the command here, before any model is built or image embedded
+            self.check_files(("fit", "test"))
 
     def _episodes(self, images: Dataset) -> Dataset:
         return images

@@ -32,17 +32,27 @@ def write_16bit_png(path, values: np.ndarray):
 def test_a_bad_test_mask_is_reported_by_check_files_alone(sbu):
     root, written = sbu
     bad = write_mask(root / TEST_MASKS / f"{sorted(written['test'])[3]}.png", GRADED)
-    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2)  # the quick check reads headers only
+    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2, check_files="none")  # nothing read in __init__
     with pytest.raises(DataConfigError, match="not binary") as err:
         dm.check_files()
     assert err.value.path == bad and err.value.key == "data.splits.test.mask_dir"
     assert str(bad) in str(err.value) and "data.splits.test.mask_dir" in str(err.value)
 
 
+def test_a_bad_test_mask_stops_the_data_module_itself(sbu):
+    """The command line builds the data module before the models: its own check (the default
+    ``data.check_files: quick``) decodes every val/test mask, so the error comes before SAM is built."""
+    root, written = sbu
+    bad = write_mask(root / TEST_MASKS / f"{sorted(written['test'])[1]}.png", GRADED)
+    with pytest.raises(DataConfigError, match="not binary") as err:
+        BinaryMaskDataModule(str(root), "sbu", train_size=2)
+    assert err.value.path == bad
+
+
 def test_stages_choose_the_splits(sbu):
     root, written = sbu
     write_mask(root / TEST_MASKS / f"{sorted(written['test'])[0]}.png", mask_for("x").astype(np.uint8))  # 0/1
-    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2, val_split=None)
+    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2, val_split=None, check_files="none")
     dm.check_files(stages=("fit",))  # train only: fine
     with pytest.raises(DataConfigError, match="0/1") as err:
         dm.check_files(stages=("test",))
@@ -53,7 +63,6 @@ def test_stages_choose_the_splits(sbu):
 
 def test_each_mask_is_decoded_once(sbu, monkeypatch):
     root, written = sbu
-    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2)  # val and test are one split
     decoded = []
     real = datamodule_module.read_grey_mask
 
@@ -62,8 +71,9 @@ def test_each_mask_is_decoded_once(sbu, monkeypatch):
         return real(path, key)
 
     monkeypatch.setattr(datamodule_module, "read_grey_mask", counting)
-    dm.check_files()
-    # the test split once (shared by val and test); the few-shot train masks were decoded in __init__
+    dm = BinaryMaskDataModule(str(root), "sbu", train_size=2)  # val and test are one split
+    # __init__ decoded the test split once (shared by val and test); the few-shot train masks were
+    # decoded by the quick check itself, not here
     assert sorted(p.stem for p in decoded) == sorted(written["test"])
     dm.check_files()
     assert len(decoded) == len(written["test"])  # nothing is read twice
