@@ -34,6 +34,8 @@ def check_range(key: str, value: float, low: float = None, high: float = None, *
 
     ``None`` bounds are not checked; ``*_open`` excludes the bound itself.
     """
+    if value != value:  # NaN compares false with every bound
+        raise ConfigError(key, "is NaN; give a number")
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:

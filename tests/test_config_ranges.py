@@ -147,3 +147,10 @@ def test_check_files_option_is_one_of_its_values(tmp_path):
     with pytest.raises(ConfigError) as err:
         BinaryMaskDataModule(str(tmp_path), "sbu", train_size=2, check_files="fast")
     assert err.value.key == "data.check_files" and "quick" in str(err.value)
+
+
+@pytest.mark.parametrize("cls,field", [(SRMConfig, "threshold"), (PPOConfig, "gamma"), (PPOConfig, "lr")])
+def test_nan_is_refused_naming_the_key(cls, field):
+    """NaN passes every comparison, so a range check alone would let it through."""
+    with pytest.raises(ConfigError, match=f"{field}: is NaN"):
+        cls(**{field: float("nan")})

@@ -47,7 +47,7 @@ class DataConfigError(UserError, ValueError):
         self.key = key
         self.path = Path(path) if path is not None else None
         where = f": {path}" if path is not None else ""
-        super().__init__(f"[{key}] {message}{where}")
+        super().__init__(f"[{key}] {message}{where} (layouts and keys: data/README.md)")
 
 
 @dataclass(frozen=True)
