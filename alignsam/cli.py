@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from alignsam.data.precompute import PrecomputeFeatures
@@ -184,7 +184,10 @@ class EvaluateCLI(AlignSAMCLI):
                                         ", ".join(config_files) or "(none)", options["ckpt_path"])
 
     def _instantiate_trainer(self, config: Dict, callbacks: list):
-        config = dict(config, logger=False)  # the tables and events go next to the checkpoint's run
+        # the tables and events go next to the checkpoint's run; evaluation writes no checkpoints
+        # (the run's own config.yaml names its ModelCheckpoint, which would point at ./checkpoints)
+        kept = [c for c in (config.get("callbacks") or []) if not isinstance(c, ModelCheckpoint)]
+        config = dict(config, logger=False, enable_checkpointing=False, callbacks=kept)
         return super()._instantiate_trainer(config, callbacks)
 
     def before_test(self) -> None:
@@ -196,7 +199,10 @@ class EvaluateCLI(AlignSAMCLI):
             raise CommandLineError("evaluate.py: --oracle_clicks must be >= 1")
         model = self.model
         if options.get("strategies"):
-            model.test_strategies = check_strategies(options["strategies"], model.matcher is not None)
+            try:
+                model.test_strategies = check_strategies(options["strategies"], model.matcher is not None)
+            except ValueError as error:
+                raise CommandLineError(str(error)) from None
         model.oracle_clicks = options.get("oracle_clicks", 20)
         if options.get("save_predictions"):
             model.prediction_hook = PredictionSaver(options["save_predictions"], model.segmenter)
