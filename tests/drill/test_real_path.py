@@ -11,12 +11,14 @@ subprocesses from the repository root,
    formats, ``tests/drill/standins.py``), the data root at a tiny tree in the real layout, and the
    feature cache and logs under pytest's tmp dir;
 2. ``python evaluate.py --config conf/<task>.yaml --ckpt_path <run>/checkpoints/last.ckpt`` (every
-   strategy), then the same again, which must compute no new cache entry;
+   strategy), then again (``--strategies [agent]``), which must compute no new cache entry;
 3. ``python evaluate.py predict --ckpt_path ... --images <folder> --out <dir>`` (and again with
    ``--segmenter_checkpoint``),
 
 and checks what each leaves behind. A failing step names the config, the step, the exit status and
-the first and last lines of its error; every step's full output is in ``<tmp>/<step>.log``.
+the first and last lines of its error; every step's full output is in ``<tmp>/<step>.log``. After
+``train`` the steps are independent: one that fails does not stop the others, and the test reports
+them all.
 
 Run it (about 25 min on a 2-core CPU; a ViT-B image encode takes ~19 s there)::
 
@@ -105,21 +107,22 @@ class Runner:
 
     def __call__(self, step: str, args: List[str]) -> str:
         cmd = [sys.executable, *args]
+        log = self.log_dir / (step.replace(" --", "_").replace(" ", "_") + ".log")
         start = time.perf_counter()
         try:
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
         except subprocess.TimeoutExpired as timeout:
             output = f"{timeout.stdout or ''}\n{timeout.stderr or ''}"
-            (self.log_dir / f"{step}.log").write_text(output)
+            log.write_text(output)
             pytest.fail(f"[{self.task.name}] step '{step}' timed out after {STEP_TIMEOUT_S} s: {' '.join(cmd)}")
         self.times[step] = time.perf_counter() - start
         output = f"$ {' '.join(cmd)}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
-        (self.log_dir / f"{step}.log").write_text(output)
+        log.write_text(output)
         print(f"[{self.task.name}] {step}: exit {done.returncode} in {self.times[step]:.0f} s")
         if done.returncode != 0:
             pytest.fail(f"[{self.task.name}] step '{step}' exited with {done.returncode} "
-                        f"(full log: {self.log_dir / (step + '.log')}):\n{error_excerpt(done.stdout + done.stderr)}",
+                        f"(full log: {log}):\n{error_excerpt(done.stdout + done.stderr)}",
                         pytrace=False)
         return done.stdout + done.stderr
 
@@ -226,7 +229,8 @@ def test_real_config_trains_evaluates_and_predicts(name, standins, drill_device,
 
     def evaluate_every_strategy() -> None:
         run("evaluate", evaluate)
-        results = run_dir / "evaluation"
+        # the tables of the test split go to evaluation/, those of another split (VOC's val) to evaluation_<split>/
+        results = run_dir / ("evaluation" if task.eval_split == "test" else f"evaluation_{task.eval_split}")
         for table in ("test.md", "test.csv"):
             check(task, "evaluate", (results / table).is_file(), f"{results / table} is missing")
         with open(results / "test.csv") as f:
