@@ -23,7 +23,8 @@ from alignsam.evaluation.evaluator import Evaluator
 from alignsam.evaluation.scoring import original_logits
 from alignsam.data.features import FeatureStore
 from alignsam.foundation.frozen import frozen_submodule
-from alignsam.foundation.segmenter import EmbeddedImages, build_segmenter
+from alignsam.foundation.segmenter import EmbeddedImages
+from alignsam.foundation.registry import build_segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD, sam_to_original_points, whole_image_maps_to_sam_grid
 from alignsam.metrics import task_metrics
 from alignsam.rl import ppo
@@ -96,7 +97,7 @@ class AlignSAM(L.LightningModule):
         segmenter: the frozen SAM.
         env, policy, srm, ppo: see :class:`EnvConfig`, :class:`PolicyConfig`, :class:`SRMConfig`,
             :class:`~alignsam.rl.ppo.PPOConfig`.
-        matcher: keyword arguments of :func:`alignsam.foundation.clip_surgery.build_text_matcher`
+        matcher: keyword arguments of :func:`alignsam.foundation.registry.build_text_matcher`
             (``model_name``, ``checkpoint_path``, surgery options); needed when the policy or the
             SRM is ``explicit``, unused otherwise.
         feature_cache: directory of the on-disk cache of SAM embeddings and text maps.
@@ -140,7 +141,7 @@ class AlignSAM(L.LightningModule):
         self.segmenter = frozen_submodule(build_segmenter(segmenter.name, segmenter.checkpoint))
         self.matcher = None
         if explicit:
-            from alignsam.foundation.clip_surgery import build_text_matcher
+            from alignsam.foundation.registry import build_text_matcher
 
             self.matcher = frozen_submodule(build_text_matcher(**matcher))
         channels = self.segmenter.embed_dim

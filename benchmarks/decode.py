@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from segment_anything import SamPredictor
 
-from alignsam.foundation.segmenter import Segmenter, build_segmenter
+from alignsam.foundation.segmenter import Segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.geometry import input_size_for, original_to_sam_points
 
 # Original image sizes cycled over the batch (VOC-like for ViT-B, scene-like for the tiny model).

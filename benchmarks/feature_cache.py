@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignsam.data.feature_files import read_entry  # noqa: E402
 from alignsam.data.features import EMBEDDING_KIND, FeatureStore  # noqa: E402
-from alignsam.foundation.segmenter import build_segmenter  # noqa: E402
+from alignsam.foundation.registry import build_segmenter  # noqa: E402
 
 
 def seconds(fn: Callable[[], object], repeats: int) -> float:

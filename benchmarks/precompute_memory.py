@@ -41,7 +41,7 @@ def child(args: argparse.Namespace) -> None:
 
     from alignsam.data.features import FeatureStore
     from alignsam.data.precompute import precompute_splits
-    from alignsam.foundation.segmenter import build_segmenter
+    from alignsam.foundation.registry import build_segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,7 +19,8 @@ import torch
 
 from alignsam.clicks import interior_point
 from alignsam.data.scenes import SPLIT_SEED_BASE, TASKS, render_scene
-from alignsam.foundation.segmenter import Segmenter, build_segmenter
+from alignsam.foundation.segmenter import Segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points
 from alignsam.losses import mask_iou
 

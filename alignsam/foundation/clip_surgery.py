@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alignsam.foundation.segmenter import CheckpointError, file_fingerprint, read_checkpoint_file, resolve_weights_path
+from alignsam.foundation.segmenter import CheckpointError, file_fingerprint, read_checkpoint_file
 from alignsam.foundation.surgery import (  # the image side of the surgery
     check_surgery_compatible,
     feature_surgery_scores,
@@ -408,20 +408,9 @@ def _weights_hint(model_name: str) -> Tuple[str, str]:
 
 
 TextMatcherBuilder = Callable[..., TextMatcher]
-TEXT_MATCHER_REGISTRY: Dict[str, TextMatcherBuilder] = {}
 
 
-def register_text_matcher(name: str) -> Callable[[TextMatcherBuilder], TextMatcherBuilder]:
-    """Decorator: a builder ``fn(checkpoint_path, tokenizer=None, **options) -> TextMatcher``."""
-
-    def wrap(fn: TextMatcherBuilder) -> TextMatcherBuilder:
-        TEXT_MATCHER_REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def _check_options(options: dict) -> None:
+def check_options(options: dict) -> None:
     known = set(inspect.signature(TextMatcher.__init__).parameters) - {"self", "model", "tokenizer", "name", "weights_fingerprint"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -442,7 +431,7 @@ def build_open_clip_matcher(
     """
     import open_clip
 
-    _check_options(options)
+    check_options(options)
     if open_clip.get_model_config(model_name) is None:
         raise KeyError(f"unknown open_clip model '{model_name}' (config key matcher.model_name); e.g. {open_clip.list_models()[:8]}")
     expected, where = _weights_hint(model_name)
@@ -464,28 +453,3 @@ def build_open_clip_matcher(
     if tokenizer is None:
         tokenizer = open_clip.get_tokenizer(model_name)
     return TextMatcher(model, tokenizer, name=model_name, weights_fingerprint=fingerprint, **options)
-
-
-def build_text_matcher(
-    model_name: str = DEFAULT_CLIP_MODEL,
-    checkpoint_path: Optional[Union[str, Path]] = DEFAULT_CLIP_CHECKPOINT,
-    tokenizer: Optional[Tokenizer] = None,
-    **options,
-) -> TextMatcher:
-    """Build a frozen CLIP Surgery text matcher; never downloads.
-
-    Args:
-        model_name: ``"tiny"`` (the bundled world's tiny CLIP, see :mod:`alignsam.foundation.tiny_clip`)
-            or any open_clip model name with a ViT image tower (default ``ViT-B-16``).
-        checkpoint_path: local weights file (default: OpenAI's ``ViT-B-16.pt`` under ``checkpoints/``);
-            None = random weights (tests only). A missing file raises :class:`CheckpointError`.
-        tokenizer: overrides the model's tokenizer.
-        **options: :class:`TextMatcher` options (``templates``, ``feature_surgery``,
-            ``background_texts``, ...) and, for open_clip names, ``quick_gelu``.
-    """
-    import alignsam.foundation.tiny_clip  # noqa: F401  registers "tiny"
-
-    checkpoint_path = resolve_weights_path(checkpoint_path)
-    if model_name in TEXT_MATCHER_REGISTRY:
-        return TEXT_MATCHER_REGISTRY[model_name](checkpoint_path, tokenizer=tokenizer, **options)
-    return build_open_clip_matcher(model_name, checkpoint_path, tokenizer=tokenizer, **options)

@@ -22,7 +22,7 @@ import torch.nn as nn
 from segment_anything.modeling import Sam
 
 from alignsam.atomic import write_text_atomic
-from alignsam.errors import ConfigError, UserError
+from alignsam.errors import UserError
 from alignsam.geometry import low_res_to_original, resize_image_for_sam
 
 OFFICIAL_CHECKPOINTS: Dict[str, str] = {
@@ -364,19 +364,8 @@ def _decode_batched(
     return masks, decoder.iou_prediction_head(iou_token_out)
 
 
-# -- registry ----------------------------------------------------------------------------------
+# -- weights files and the official models ----------------------------------------------------
 SegmenterBuilder = Callable[[Optional[str]], Segmenter]
-SEGMENTER_REGISTRY: Dict[str, SegmenterBuilder] = {}
-
-
-def register_segmenter(name: str) -> Callable[[SegmenterBuilder], SegmenterBuilder]:
-    """Decorator: make a builder available to :func:`build_segmenter` under ``name``."""
-
-    def wrap(fn: SegmenterBuilder) -> SegmenterBuilder:
-        SEGMENTER_REGISTRY[name] = fn
-        return fn
-
-    return wrap
 
 
 # -- weights-file identity -----------------------------------------------------------------------
@@ -467,7 +456,9 @@ def _remember_digest(path: Path, version: Tuple[str, int, int, int], digest: str
         pass  # read-only home or cache dir: the digest is simply recomputed next run
 
 
-def _official_builder(name: str) -> SegmenterBuilder:
+def official_builder(name: str) -> SegmenterBuilder:
+    """The builder of segment-anything's ``name`` (``vit_b``, ``vit_l``, ``vit_h``) from its official file."""
+
     def build(checkpoint: Optional[str]) -> Segmenter:
         from segment_anything import sam_model_registry
 
@@ -487,19 +478,3 @@ def _official_builder(name: str) -> SegmenterBuilder:
         return Segmenter(sam, name=name, fingerprint=fingerprint)
 
     return build
-
-
-for _name in OFFICIAL_CHECKPOINTS:
-    register_segmenter(_name)(_official_builder(_name))
-
-
-def build_segmenter(name: str, checkpoint: Optional[str] = None) -> Segmenter:
-    """Build a frozen segmenter from a registry name (``vit_b``, ``vit_l``, ``vit_h``, ``tiny``).
-
-    ``checkpoint=None`` gives random weights (tests only).
-    """
-    import alignsam.foundation.tiny  # noqa: F401  registers "tiny"
-
-    if name not in SEGMENTER_REGISTRY:
-        raise ConfigError("model.segmenter.name", f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTER_REGISTRY)}")
-    return SEGMENTER_REGISTRY[name](resolve_weights_path(checkpoint))

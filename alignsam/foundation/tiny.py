@@ -19,7 +19,6 @@ from alignsam.foundation.segmenter import (
     Segmenter,
     file_fingerprint,
     read_checkpoint_file,
-    register_segmenter,
 )
 
 TINY_SAM_FILE = "tiny_sam.pt"
@@ -91,9 +90,8 @@ def save_tiny_sam(sam: Sam, arch: TinySamArch, path: str, **meta) -> None:
     os.replace(tmp, path)
 
 
-@register_segmenter("tiny")
 def build_tiny_segmenter(checkpoint: Optional[str]) -> Segmenter:
-    """Registry builder for ``tiny``: random weights when ``checkpoint`` is None."""
+    """Builder of ``tiny`` (see :mod:`alignsam.foundation.registry`): random weights when ``checkpoint`` is None."""
     if checkpoint is None:
         return Segmenter(build_tiny_sam(), name="tiny", fingerprint="random-init")
     raw = read_checkpoint_file(checkpoint, TINY_SAM_FILE, TINY_SAM_COMMAND)

@@ -20,11 +20,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from alignsam.foundation.clip_surgery import (
-    TextMatcher,
-    _check_options,
-    register_text_matcher,
-)
+from alignsam.foundation.clip_surgery import TextMatcher, check_options
 from alignsam.foundation.segmenter import CheckpointError, file_fingerprint, read_checkpoint_file
 
 TINY_CLIP_FILE = "tiny_clip.pt"
@@ -179,15 +175,14 @@ def save_tiny_clip(
     os.replace(tmp, path)
 
 
-@register_text_matcher("tiny")
 def build_tiny_text_matcher(
     checkpoint_path: Optional[Union[str, Path]], tokenizer: Optional[WordTokenizer] = None, **options
 ) -> TextMatcher:
-    """Registry builder for ``tiny``: a tiny CLIP file, or random weights when the path is None.
+    """Builder of ``tiny`` (see :mod:`alignsam.foundation.registry`): a tiny CLIP file, or random weights when the path is None.
 
     Template default: the file's ``templates`` if it has them, else :data:`TINY_TEMPLATES`.
     """
-    _check_options(options)
+    check_options(options)
     if checkpoint_path is None:
         tokenizer = tokenizer or WordTokenizer()
         cfg = tiny_clip_config(tokenizer.vocab_size, tokenizer.context_length)

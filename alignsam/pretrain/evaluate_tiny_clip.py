@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from alignsam.data.scenes import CATEGORY_NAMES, SPLIT_SEED_BASE, TASK_TEXT, Scene, render_scene
-from alignsam.foundation.clip_surgery import TextMatcher, build_text_matcher
+from alignsam.foundation.clip_surgery import TextMatcher
+from alignsam.foundation.registry import build_text_matcher
 from alignsam.pretrain.scene_captions import BACKGROUND_TEXT, crop_objects, object_crop_box
 
 DEFAULT_MATCHER_CONFIG = "conf/scenes/matcher_tiny.yaml"

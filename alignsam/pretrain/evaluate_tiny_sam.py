@@ -24,7 +24,8 @@ import torch
 
 from alignsam.clicks import interior_point, oracle_next_click
 from alignsam.data.scenes import REGION_KINDS, SPLIT_SEED_BASE, TASKS, render_scene
-from alignsam.foundation.segmenter import Segmenter, build_segmenter
+from alignsam.foundation.segmenter import Segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points
 from alignsam.losses import mask_iou
 from alignsam.pretrain.regions import UNION_KINDS, region_components, union_targets

@@ -17,7 +17,8 @@ from alignsam.data.features import (
     TEXT_MAP_KIND,
     FeatureStore,
 )
-from alignsam.foundation.segmenter import Segmenter, build_segmenter
+from alignsam.foundation.segmenter import Segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.foundation.tiny import TinySamArch, build_tiny_sam
 
 FP16_ATOL = 2e-3  # embeddings are O(1); half precision keeps ~3 significant digits

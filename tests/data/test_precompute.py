@@ -34,7 +34,8 @@ from alignsam.data.precompute import (
     precompute_splits,
 )
 from alignsam.errors import UserError
-from alignsam.foundation.segmenter import Segmenter, build_segmenter
+from alignsam.foundation.segmenter import Segmenter
+from alignsam.foundation.registry import build_segmenter
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_SAM = ROOT / "checkpoints" / "tiny_sam.pt"
@@ -253,7 +254,7 @@ import numpy as np, torch
 from alignsam.data.features import FeatureStore
 from alignsam.data.precompute import precompute_splits
 from alignsam.errors import UserError
-from alignsam.foundation.segmenter import build_segmenter
+from alignsam.foundation.registry import build_segmenter
 
 torch.set_num_threads(1)
 

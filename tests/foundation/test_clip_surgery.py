@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from alignsam.foundation.clip_surgery import (
     TextMatcher,
-    build_text_matcher,
     feature_surgery_scores,
     load_open_clip_state_dict,
 )
+from alignsam.foundation.registry import build_text_matcher
 from alignsam.foundation.segmenter import CheckpointError
 from alignsam.foundation.tiny_clip import (
     EOT_ID,

@@ -17,7 +17,8 @@ import torch
 
 from alignsam.data.features import EMBEDDING_KIND, FeatureStore
 from alignsam.foundation import segmenter as segmenter_module
-from alignsam.foundation.segmenter import build_segmenter, digest_memo_path, file_fingerprint
+from alignsam.foundation.segmenter import digest_memo_path, file_fingerprint
+from alignsam.foundation.registry import build_segmenter
 from alignsam.foundation.tiny import TINY_SAM_FILE, TinySamArch, build_tiny_sam, save_tiny_sam
 
 OLD_HEAD_BYTES = 1 << 20  # what the old fingerprint hashed: the first MiB only

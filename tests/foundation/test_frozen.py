@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from alignsam.foundation.frozen import exclude_from_checkpoints, frozen_submodule, is_excluded_from_checkpoints
-from alignsam.foundation.segmenter import build_segmenter
+from alignsam.foundation.registry import build_segmenter
 
 SEGMENTER_SEED = 0
 

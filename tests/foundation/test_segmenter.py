@@ -17,8 +17,8 @@ from alignsam.foundation.segmenter import (
     OFFICIAL_CHECKPOINTS,
     CheckpointError,
     Segmenter,
-    build_segmenter,
 )
+from alignsam.foundation.registry import build_segmenter
 from alignsam.foundation.tiny import TINY_SAM_FILE, TinySamArch, build_tiny_sam, save_tiny_sam
 from alignsam.geometry import (
     actions_to_sam_points,

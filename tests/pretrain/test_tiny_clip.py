@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignsam.data.scenes import CATEGORY_NAMES, TASKS, render_scene
-from alignsam.foundation.clip_surgery import build_text_matcher
+from alignsam.foundation.registry import build_text_matcher
 from alignsam.foundation.tiny_clip import WordTokenizer
 from alignsam.pretrain.evaluate_tiny_clip import (
     held_out_crops,

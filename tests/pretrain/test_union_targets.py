@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from alignsam.data.scenes import REGION_KINDS, render_scene
-from alignsam.foundation.segmenter import build_segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.pretrain.evaluate_tiny_sam import click_curves, summarise
 from alignsam.pretrain.regions import UNION_OFFSET, SceneRegionStream, union_targets
 from alignsam.pretrain.tiny_sam import TinySamPretraining

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignsam.foundation.segmenter import build_segmenter
+from alignsam.foundation.registry import build_segmenter
 from alignsam.geometry import (
     grid_cell_centres,
     image_region_on_grid,
