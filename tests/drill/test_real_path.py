@@ -146,8 +146,7 @@ def write_predict_folder(folder: Path, tree_image: Path) -> Dict[str, tuple]:
 def test_standins_load_like_the_official_files(standins):
     from open_clip.model import build_model_from_openai_state_dict
 
-    from alignsam.foundation.clip_surgery import build_text_matcher
-    from alignsam.foundation.segmenter import build_segmenter
+    from alignsam.foundation.registry import build_segmenter, build_text_matcher
 
     assert standins["sam"].name == SAM_VIT_B_NAME and standins["clip"].name == CLIP_VIT_B_16_NAME
     sam_state = torch.load(standins["sam"], map_location="cpu", weights_only=True)  # a plain state dict
