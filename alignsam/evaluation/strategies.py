@@ -132,7 +132,7 @@ class BatchContext:
         return baselines.best_and_worst_cells(self.srm_probs(), self.episodes.region, self.module.segmenter.img_size)
 
     def decode(self, points: torch.Tensor, labels: torch.Tensor) -> Outcome:
-        logits, _ = self.module.segmenter.decode(self.episodes.embeddings, points, labels)
+        logits, _ = self.module.segmenter.decode(self.episodes.sam_embeddings, points, labels)
         return Outcome(logits, points, labels)
 
 
@@ -242,7 +242,7 @@ def oracle(ctx: BatchContext) -> Outcome:
         new = original_to_sam_points(torch.tensor(clicks, device=device)[:, None], e.original_hw.to(device), segmenter.img_size)
         points = torch.cat([points, new], 1)
         labels = torch.cat([labels, torch.tensor(click_labels, device=device)[:, None]], 1)
-        logits, _ = segmenter.decode(ctx.episodes.embeddings, points, labels, logits if feed_mask else None)
+        logits, _ = segmenter.decode(ctx.episodes.sam_embeddings, points, labels, logits if feed_mask else None)
         full = original_logits(segmenter, logits, e)
         preds = [(l > MASK_LOGIT_THRESHOLD).cpu().numpy() for l in full]
         rows.append(episode_ious(full, ctx.gts))

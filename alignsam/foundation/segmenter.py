@@ -142,6 +142,13 @@ class Segmenter(nn.Module):
         # Frozen: stays in eval mode whatever the enclosing module does.
         return super().train(False)
 
+    def image_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The image features E ``(B, embed_dim, h, w)`` that the policy and the SRM see, out of
+        what :meth:`embed` returns and :meth:`decode` takes. For SAM they are the same tensor; a
+        segmenter whose decoder needs more (SAM 2's high-resolution maps) packs those into extra
+        channels of its embeddings and returns only the first ``embed_dim`` here."""
+        return embeddings
+
     # -- image side ----------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAM's own preprocessing of uint8 ``(H, W, 3)`` images of any sizes.

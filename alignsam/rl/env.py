@@ -90,7 +90,9 @@ class EnvConfig:
 class Episodes:
     """What B episodes need, prepared once per batch (``A = G*G``, ``h x w`` = embedding grid).
 
-    embeddings ``(B, C, h, w)`` float32; original_hw, input_hw ``(B, 2)`` long;
+    embeddings ``(B, C, h, w)`` float32, the image features the policy and the SRM see (E);
+    sam_embeddings what ``segmenter.decode`` takes (for SAM the same tensor; a segmenter with more
+    decoder inputs packs them here, see :meth:`Segmenter.image_features`); original_hw, input_hw ``(B, 2)`` long;
     pool ``(B, A, h*w)`` patch-over-cell weights; region ``(B, 1, h, w)`` image fraction of each
     embedding cell; action_points ``(B, A, 2)`` every action's click in SAM's frame;
     text_map ``(B, 1, h, w)`` CLIP Surgery map M_c on the embedding grid, or None;
@@ -111,6 +113,11 @@ class Episodes:
     valid_low: Optional[torch.Tensor] = None
     gt_grid: Optional[torch.Tensor] = None
     patch_on_gt: Optional[torch.Tensor] = None
+    sam_embeddings: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.sam_embeddings is None:
+            self.sam_embeddings = self.embeddings
 
     @property
     def text_state(self) -> Optional[torch.Tensor]:
@@ -140,8 +147,10 @@ def make_episodes(
     emb_hw, img_size = segmenter.embedding_hw, segmenter.img_size
     b = embedded.embeddings.shape[0]
     actions = torch.arange(grid * grid, device=device).expand(b, -1)
+    packed = embedded.embeddings.float()
     episodes = Episodes(
-        embeddings=embedded.embeddings.float(),
+        embeddings=segmenter.image_features(packed),
+        sam_embeddings=packed,
         original_hw=embedded.original_hw.to(device),
         input_hw=embedded.input_hw.to(device),
         pool=patch_pool_matrix(grid, embedded.input_hw.to(device), img_size, emb_hw),
@@ -247,7 +256,7 @@ class PromptingEnv:
             if srm_probs is None:
                 raise ValueError("model.env.init_prompts: srm needs the SRM's probabilities at reset")
             self.points, self.labels = self._srm_seed_prompts(srm_probs)
-            self.logits, _ = self.segmenter.decode(episodes.embeddings, self.points, self.labels)
+            self.logits, _ = self.segmenter.decode(episodes.sam_embeddings, self.points, self.labels)
         else:
             self.points = torch.zeros(b, 0, 2, device=device)
             self.labels = torch.zeros(b, 0, dtype=torch.long, device=device)
@@ -302,7 +311,7 @@ class PromptingEnv:
         self.points = torch.cat([self.points, self.episodes.action_points[rows, actions][:, None]], 1)
         self.labels = torch.cat([self.labels, labels[:, None]], 1)
         mask_input = self.logits if (self.config.feed_mask_input and came_from_sam) else None
-        self.logits, _ = self.segmenter.decode(self.episodes.embeddings, self.points, self.labels, mask_input)
+        self.logits, _ = self.segmenter.decode(self.episodes.sam_embeddings, self.points, self.labels, mask_input)
         self.logits_history.append(self.logits)
         previous = self.iou_history[-1] if self.iou_history else None
         iou = self._record_iou()
