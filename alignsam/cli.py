@@ -104,8 +104,8 @@ class AlignSAMCLI(LightningCLI):
             return
         task = model.hparams.task
         columns = HEADLINE_METRICS[task] + (["iou_fg"] if "iou_fg" in model.validation_table["agent"] else [])
-        steps = model.env_config.steps
-        seeds = " after the SRM's 2 seed prompts" if model.env_config.init_prompts == "srm" else ""
+        steps = model.agent.env_config.steps
+        seeds = " after the SRM's 2 seed prompts" if model.agent.env_config.init_prompts == "srm" else ""
         print(f"\nValidation ({task}, after epoch {model.validation_epoch}): the trained agent ({steps} clicks{seeds}) against one "
               f"centre click and {steps} random clicks; all metrics in TensorBoard ({log_dir})")
         print(format_table(model.validation_table, columns))
@@ -200,12 +200,12 @@ class EvaluateCLI(AlignSAMCLI):
         model = self.model
         if options.get("strategies"):
             try:
-                model.test_strategies = check_strategies(options["strategies"], model.matcher is not None)
+                model.test_strategies = check_strategies(options["strategies"], model.agent.matcher is not None)
             except ValueError as error:
                 raise CommandLineError(str(error)) from None
         model.oracle_clicks = options.get("oracle_clicks", 20)
         if options.get("save_predictions"):
-            model.prediction_hook = PredictionSaver(options["save_predictions"], model.segmenter)
+            model.prediction_hook = PredictionSaver(options["save_predictions"], model.agent.segmenter)
 
     def after_test(self) -> None:
         from alignsam.evaluation.tables import write_tables
@@ -218,7 +218,7 @@ class EvaluateCLI(AlignSAMCLI):
         split = getattr(self.datamodule, "hparams", {}).get("test_split", "test")
         default_dir = run_dir / ("evaluation" if split == "test" else f"evaluation_{split}")
         out_dir = Path(options.get("results_dir") or default_dir)
-        env = model.env_config
+        env = model.agent.env_config
         seeds = "the SRM's 2 seed prompts + " if env.init_prompts == "srm" else ""
         header = (f"# {model.hparams.task}: {split} split, checkpoint {ckpt}\n\n"
                   f"T = {env.steps} clicks ({seeds}T for the agent), grid {env.grid}x{env.grid}, "

@@ -1,9 +1,11 @@
-"""AlignSAM as a LightningModule: PPO agent + Semantic Recalibration Module over a frozen SAM.
+"""AlignSAM as a LightningModule: what is Lightning's job around the :class:`~alignsam.agent.Agent`.
 
-One ``training_step`` is one PPO iteration (``method.md``, "Training loop"): roll out B episodes
-(the batch's images) with the current policy, then K epochs of minibatch PPO updates, then the SRM
-update on the same images. Validation and test run greedy episodes and score the final masks with
-the task's metrics (and, once per run, a centre click and T random clicks for reference).
+The agent (frozen SAM and CLIP, policy, SRM, feature preparation, rollout) lives in
+:mod:`alignsam.agent`, shared with evaluation and the Python API. This module holds the
+optimisation (one ``training_step`` is one PPO iteration, docs/method.md "Training loop": roll out B
+episodes with the current policy, then K epochs of minibatch PPO updates, then the SRM update on
+the same images), the validation / test loops (scored by :mod:`alignsam.evaluation`), logging and
+the checkpoint hooks.
 
 Optimisation is manual (two optimizers, many updates per batch), so ``trainer.max_steps`` would
 count optimizer steps: bound training with ``trainer.max_epochs``. The frozen SAM and CLIP never
@@ -12,80 +14,33 @@ enter the checkpoint (:func:`~alignsam.foundation.frozen.frozen_submodule`).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, is_dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import numpy as np
 import torch
 
+from alignsam.agent import AGENT_PREFIX, Agent, Rollout, SegmenterConfig, as_config, plain_config
 from alignsam.evaluation.evaluator import Evaluator
 from alignsam.evaluation.scoring import original_logits
-from alignsam.data.features import FeatureStore
-from alignsam.foundation.frozen import frozen_submodule
 from alignsam.foundation.segmenter import EmbeddedImages
-from alignsam.foundation.registry import build_segmenter
-from alignsam.geometry import MASK_LOGIT_THRESHOLD, sam_to_original_points, whole_image_maps_to_sam_grid
-from alignsam.metrics import task_metrics
+from alignsam.geometry import MASK_LOGIT_THRESHOLD, sam_to_original_points
 from alignsam.rl import ppo
-from alignsam.rl.env import EnvConfig, Episodes, PromptingEnv, make_episodes
+from alignsam.rl.env import EnvConfig, Episodes
 from alignsam.rl.ppo import PPOConfig
-from alignsam.rl.policy import ActorCritic, PolicyConfig
-from alignsam.srm import SemanticRecalibration, SRMConfig, srm_loss
+from alignsam.rl.policy import PolicyConfig
+from alignsam.srm import SRMConfig, srm_loss
 
 warnings.filterwarnings("ignore", message=".*module.*in eval mode.*")  # the frozen SAM / CLIP, by design
 
 BASELINES = ("centre", "random")  # scored once per run in validation (evaluate.py scores them all)
+__all__ = ["AlignSAM", "SegmenterConfig", "Rollout", "BASELINES"]
 
-
-@dataclass
-class SegmenterConfig:
-    """The frozen SAM (``model.segmenter.*``): a registry name (``vit_b``, ``vit_l``, ``vit_h``,
-    ``tiny``) and its local checkpoint file (nothing is downloaded)."""
-
-    name: str = "vit_b"
-    checkpoint: Optional[str] = "checkpoints/sam_vit_b_01ec64.pth"
-
-
-@dataclass
-class Rollout:
-    """B episodes of T steps (``A = G*G``; ``h x w`` the embedding grid).
-
-    masks ``(T, B, 1, h, w)`` m(M_{t-1}) of each state (the state is ``E * mask``); valid
-    ``(T, B, A)`` the action mask each action was drawn under; actions, log_probs, values,
-    rewards, labels ``(T, B)``; bootstrap_value ``(B,)`` V(s_T); final_mask ``(B, 1, h, w)``;
-    final_logits ``(B, 1, 4h, 4w)``; iou_curve ``(T + 1, B)`` low-res IoU after P_0 and each step
-    (None without ground truth); points ``(B, n, 2)`` and point_labels ``(B, n)`` every prompt, SAM frame;
-    step_logits: T + 1 tensors ``(B, 1, 4h, 4w)``, SAM's logits after P_0 and after each step (the
-    env's own list, not stacked: training never reads it).
-    """
-
-    masks: torch.Tensor
-    valid: torch.Tensor
-    actions: torch.Tensor
-    log_probs: torch.Tensor
-    values: torch.Tensor
-    rewards: Optional[torch.Tensor]
-    labels: torch.Tensor
-    bootstrap_value: torch.Tensor
-    final_mask: torch.Tensor
-    final_logits: torch.Tensor
-    iou_curve: Optional[torch.Tensor]
-    points: torch.Tensor
-    point_labels: torch.Tensor
-    step_logits: List[torch.Tensor]
-
-
-# The config dataclasses are hyperparameters, hence in every checkpoint: allow them for
+# The config dataclasses may be hyperparameters of older checkpoints: allow them for
 # torch.load(weights_only=True), the default of torch >= 2.6 and of Trainer.fit(ckpt_path=...).
-torch.serialization.add_safe_globals([SegmenterConfig, EnvConfig, PolicyConfig, SRMConfig, PPOConfig])
-
-
-def _config(cls, value):
-    """A config dataclass from itself or from a dict of its fields (errors name the bad key)."""
-    if isinstance(value, dict):
-        return cls(**value)
-    return value
+# SegmenterConfig was defined in this module before alignsam.agent existed: keep that name loadable.
+torch.serialization.add_safe_globals([SegmenterConfig, (SegmenterConfig, "alignsam.module.SegmenterConfig"),
+                                      EnvConfig, PolicyConfig, SRMConfig, PPOConfig])
 
 
 class AlignSAM(L.LightningModule):
@@ -124,33 +79,11 @@ class AlignSAM(L.LightningModule):
     ) -> None:
         super().__init__()
         # the configs may come as dicts (LightningCLI, or a checkpoint's hyperparameters)
-        segmenter, env, policy = _config(SegmenterConfig, segmenter), _config(EnvConfig, env), _config(PolicyConfig, policy)
-        srm, ppo = _config(SRMConfig, srm), _config(PPOConfig, ppo)
+        segmenter, env, policy = as_config(SegmenterConfig, segmenter), as_config(EnvConfig, env), as_config(PolicyConfig, policy)
+        srm, ppo = as_config(SRMConfig, srm), as_config(PPOConfig, ppo)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        explicit = policy.variant == "explicit" or srm.branch == "explicit"
-        if explicit and matcher is None:
-            raise ValueError("model.matcher is required when model.policy.variant or model.srm.branch is 'explicit'")
-        if num_classes is None and task == "categories":
-            from alignsam.data.scenes import CATEGORY_NAMES
-
-            num_classes = 1 + len(CATEGORY_NAMES)
-        self.num_classes = num_classes
-        self.new_metrics()  # fails here, before any model is built, on an unknown task
-        self.env_config, self.ppo_config, self.srm_config = env, ppo, srm
-        self.segmenter = frozen_submodule(build_segmenter(segmenter.name, segmenter.checkpoint))
-        self.matcher = None
-        if explicit:
-            from alignsam.foundation.registry import build_text_matcher
-
-            self.matcher = frozen_submodule(build_text_matcher(**matcher))
-        channels = self.segmenter.embed_dim
-        self.policy = ActorCritic(channels, policy)
-        self.srm = SemanticRecalibration(channels, srm)
-        self.policy_text = policy.variant == "explicit"
-        self.srm_text = srm.branch == "explicit"
-        self.store = FeatureStore(feature_cache)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.agent = Agent(task, segmenter, env, policy, srm, ppo, matcher, feature_cache, num_classes, seed)
         self.validation_table: Dict[str, Dict[str, float]] = {}
         self.test_table: Dict[str, Dict[str, float]] = {}
         # set by evaluate.py (EvaluateCLI.before_test) before trainer.test
@@ -159,77 +92,14 @@ class AlignSAM(L.LightningModule):
         self.prediction_hook = None
         self.validation_epoch = 0
         self._baseline_results: Dict[str, Dict[str, float]] = {}
-
-    def new_metrics(self):
-        """A fresh metric collection of the task (:func:`alignsam.metrics.task_metrics`)."""
-        return task_metrics(self.hparams.task, self.num_classes)
-
-    # -- features ------------------------------------------------------------------------------------
-    def prepare(self, samples: Sequence[Dict], with_gt: bool = True):
-        """Cached embeddings (and text maps) of a batch of samples -> (:class:`Episodes`, embedded).
-
-        Runs outside mixed precision: the cache stores fp16 and its reads must not be autocast.
-        """
-        with torch.autocast(self.device.type, enabled=False):
-            return self._prepare(samples, with_gt)
-
-    def _prepare(self, samples: Sequence[Dict], with_gt: bool):
-        embedded = self.store.embeddings(self.segmenter, samples, device=self.device)
-        embedded = EmbeddedImages(embedded.embeddings.float(), embedded.original_hw, embedded.input_hw)
-        text_map = None
-        if self.matcher is not None:
-            maps = self.store.text_maps(self.matcher, samples, self.segmenter.low_res_hw, device=self.device)
-            text_map = whole_image_maps_to_sam_grid(maps.float(), embedded.input_hw, self.segmenter.img_size,
-                                                    self.segmenter.embedding_hw)
-        gts = [s["mask"] for s in samples] if with_gt else None
-        return make_episodes(self.segmenter, embedded, self.env_config.grid, gts, text_map), embedded
-
-    def _text(self, episodes: Episodes, used: bool) -> Optional[torch.Tensor]:
-        return episodes.text_state if used else None
-
-    # -- rollout -------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, episodes: Episodes, training: bool, greedy: bool, steps: Optional[int] = None,
-                all_positive: bool = False) -> Rollout:
-        """Run B episodes of ``steps`` (default ``env.steps``) with the current policy and SRM
-        (``all_positive``: every click labelled positive instead of by the SRM)."""
-        steps = steps or self.env_config.steps
-        env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold, all_positive)
-        policy_text, srm_text = self._text(episodes, self.policy_text), self._text(episodes, self.srm_text)
-        srm_probs = torch.sigmoid(self.srm(env.blank_state(episodes), srm_text))
-        state = env.reset(episodes, srm_probs, training)
-        record: Dict[str, List[torch.Tensor]] = {k: [] for k in ("masks", "valid", "actions", "log_probs", "values", "rewards", "labels")}
-        for _ in range(steps):
-            logits, value = self.policy(state, episodes.pool, policy_text)
-            # sampled on the CPU with the module's generator, whose state the checkpoint keeps
-            actions, log_probs = ppo.sample_actions(logits.float().cpu(), env.valid.cpu(), self.generator, greedy)
-            actions = actions.to(self.device)
-            srm_probs = torch.sigmoid(self.srm(state, srm_text))
-            record["masks"].append(env.mask)
-            record["valid"].append(env.valid)
-            record["actions"].append(actions)
-            record["log_probs"].append(log_probs.to(self.device))
-            record["values"].append(value.float())
-            result = env.step(actions, srm_probs)
-            state = result.state
-            record["labels"].append(result.labels)
-            if result.reward is not None:
-                record["rewards"].append(result.reward)
-        final_mask = env.mask
-        _, bootstrap = self.policy(state, episodes.pool, policy_text)
-        stack = lambda key: torch.stack(record[key]) if record[key] else None  # noqa: E731
-        return Rollout(
-            masks=stack("masks"), valid=stack("valid"), actions=stack("actions"), log_probs=stack("log_probs"),
-            values=stack("values"), rewards=stack("rewards"), labels=stack("labels"),
-            bootstrap_value=bootstrap.float(), final_mask=final_mask, final_logits=env.logits,
-            iou_curve=torch.stack(env.iou_history) if env.iou_history else None,
-            points=env.points, point_labels=env.labels, step_logits=env.logits_history,
-        )
+        # checkpoints written before the agent had a module of its own name the weights policy.* / srm.*
+        self.register_load_state_dict_pre_hook(_prefix_legacy_keys)
 
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch: List[Dict], batch_idx: int) -> None:
-        episodes, _ = self.prepare(batch)
-        rollout = self.rollout(episodes, training=True, greedy=False)
+        agent = self.agent
+        episodes, _ = agent.prepare(batch)
+        rollout = agent.rollout(episodes, training=True, greedy=False)
         stats = self.ppo_update(episodes, rollout)
         stats["srm/loss"] = self.srm_update(episodes, rollout)
         returns = rollout.rewards.sum(0)
@@ -249,20 +119,20 @@ class AlignSAM(L.LightningModule):
 
     def ppo_update(self, episodes: Episodes, rollout: Rollout) -> Dict[str, torch.Tensor]:
         """K epochs of clipped-PPO minibatch updates on one rollout; returns the last epoch's means."""
-        cfg = self.ppo_config
+        agent, cfg = self.agent, self.agent.ppo_config
         policy_opt = self.optimizers()[0]
         advantages, returns = ppo.gae(rollout.rewards, rollout.values, rollout.bootstrap_value, cfg.gamma, cfg.gae_lambda)
         t_count, b_count = rollout.actions.shape
-        policy_text = self._text(episodes, self.policy_text)
+        policy_text = agent.policy_text_state(episodes)
         sums: Dict[str, float] = {}
         for epoch in range(cfg.epochs):
             sums = {}
-            batches = ppo.minibatches(t_count * b_count, cfg.minibatch_size, self.generator)
+            batches = ppo.minibatches(t_count * b_count, cfg.minibatch_size, agent.generator)
             for index in batches:
                 index = index.to(self.device)
                 t, b = index // b_count, index % b_count
                 state = episodes.embeddings[b] * rollout.masks[t, b]
-                logits, value = self.policy(state, episodes.pool[b], None if policy_text is None else policy_text[b])
+                logits, value = agent.policy(state, episodes.pool[b], None if policy_text is None else policy_text[b])
                 valid = rollout.valid[t, b]
                 new_log_probs = ppo.action_log_probs(logits, valid, rollout.actions[t, b])
                 adv = advantages[t, b]
@@ -289,15 +159,16 @@ class AlignSAM(L.LightningModule):
         srm_opt = self.optimizers()[1]
         masks = torch.cat([torch.ones_like(rollout.masks[:1]), rollout.masks, rollout.final_mask[None]])  # (T+2, B, ...)
         t_count, b_count = masks.shape[:2]
-        srm_text = self._text(episodes, self.srm_text)
+        agent = self.agent
+        srm_text = agent.srm_text_state(episodes)
         valid = episodes.region > 0.5
         total = 0.0
-        batches = ppo.minibatches(t_count * b_count, self.ppo_config.minibatch_size, self.generator)
+        batches = ppo.minibatches(t_count * b_count, agent.ppo_config.minibatch_size, agent.generator)
         for index in batches:
             index = index.to(self.device)
             t, b = index // b_count, index % b_count
-            logits = self.srm(episodes.embeddings[b] * masks[t, b], None if srm_text is None else srm_text[b])
-            loss = srm_loss(logits, episodes.gt_grid[b], valid[b], self.srm_config)
+            logits = agent.srm(episodes.embeddings[b] * masks[t, b], None if srm_text is None else srm_text[b])
+            loss = srm_loss(logits, episodes.gt_grid[b], valid[b], agent.srm_config)
             srm_opt.zero_grad()
             self.manual_backward(loss)
             srm_opt.step()
@@ -305,8 +176,9 @@ class AlignSAM(L.LightningModule):
         return torch.tensor(total)
 
     def configure_optimizers(self):
-        policy_opt = torch.optim.Adam(self.policy.parameters(), lr=self.ppo_config.lr, eps=self.ppo_config.adam_eps)
-        srm_opt = torch.optim.Adam(self.srm.parameters(), lr=self.srm_config.lr)
+        agent = self.agent
+        policy_opt = torch.optim.Adam(agent.policy.parameters(), lr=agent.ppo_config.lr, eps=agent.ppo_config.adam_eps)
+        srm_opt = torch.optim.Adam(agent.srm.parameters(), lr=agent.srm_config.lr)
         return [policy_opt, srm_opt]
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -316,18 +188,18 @@ class AlignSAM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._run_baselines = not self._baseline_results and not self.trainer.sanity_checking
         strategies = ["agent"] + (list(BASELINES) if self._run_baselines else [])
-        self._evaluator = Evaluator(self, strategies, seed=self.hparams.seed + 1)
+        self._evaluator = Evaluator(self.agent, strategies, seed=self.hparams.seed + 1)
 
     def on_test_epoch_start(self) -> None:
         from alignsam.evaluation.strategies import NEEDS_PROTOTYPES, check_strategies, default_strategies
 
-        names = self.test_strategies or default_strategies(self.matcher is not None)
-        names = check_strategies(names, self.matcher is not None)
+        has_matcher = self.agent.matcher is not None
+        names = check_strategies(self.test_strategies or default_strategies(has_matcher), has_matcher)
         train = None
         if any(n in NEEDS_PROTOTYPES for n in names):
             datamodule = getattr(self.trainer, "datamodule", None)
             train = getattr(datamodule, "train_dataset", None)
-        self._evaluator = Evaluator(self, names, seed=self.hparams.seed + 1, oracle_clicks=self.oracle_clicks,
+        self._evaluator = Evaluator(self.agent, names, seed=self.hparams.seed + 1, oracle_clicks=self.oracle_clicks,
                                     train_samples=train, on_agent=self.prediction_hook)
 
     def validation_step(self, batch: List[Dict], batch_idx: int) -> None:
@@ -375,9 +247,9 @@ class AlignSAM(L.LightningModule):
         if not isinstance(self.logger, TensorBoardLogger) or self.hparams.log_images <= 0:
             return
         n = min(self.hparams.log_images, len(batch))
-        points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], self.segmenter.img_size)
+        points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], self.agent.segmenter.img_size)
         panels = []
-        logits = original_logits(self.segmenter, outcome.logits[:n], embedded)
+        logits = original_logits(self.agent.segmenter, outcome.logits[:n], embedded)
         for i in range(n):
             mask = logits[i] > MASK_LOGIT_THRESHOLD
             panels.append(episode_panel(batch[i]["image"], np.asarray(batch[i]["mask"], bool), mask.cpu().numpy(),
@@ -393,26 +265,21 @@ class AlignSAM(L.LightningModule):
         if isinstance(self.trainer.strategy, DDPStrategy):
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
-    def __getstate__(self) -> Dict[str, Any]:
-        # A torch.Generator cannot cross torch.multiprocessing (ddp_spawn): send its state as bytes.
-        state = self.__dict__.copy()
-        state["generator"] = self.generator.get_state().numpy().tobytes()
-        return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        generator = torch.Generator()
-        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
-        super().__setstate__({**state, "generator": generator})
-
     # -- checkpoints: the sampler state makes a resumed run identical to an uninterrupted one -------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # plain dicts, as LightningCLI records them, so that evaluate.py --ckpt_path can parse them back
         hparams = checkpoint.get("hyper_parameters", {})
-        checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
-        checkpoint["alignsam"] = {"generator": self.generator.get_state(), "baselines": self._baseline_results}
+        checkpoint["hyper_parameters"] = {k: plain_config(v) for k, v in hparams.items()}
+        checkpoint["alignsam"] = {"generator": self.agent.generator.get_state(), "baselines": self._baseline_results}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         state = checkpoint.get("alignsam", {})
         if "generator" in state:
-            self.generator.set_state(state["generator"])
+            self.agent.generator.set_state(state["generator"])
         self._baseline_results = state.get("baselines", {})
+
+
+def _prefix_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: ``policy.*`` / ``srm.*`` of older checkpoints -> ``agent.policy.*``."""
+    for key in [k for k in state_dict if k.startswith((prefix + "policy.", prefix + "srm."))]:
+        state_dict[prefix + AGENT_PREFIX + key[len(prefix):]] = state_dict.pop(key)

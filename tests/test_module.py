@@ -100,8 +100,8 @@ def test_checkpoint_holds_only_the_trainable_parts(fitted):
     path = log_dir / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     keys = list(checkpoint["state_dict"])
-    assert not [k for k in keys if k.startswith(("segmenter.", "matcher."))]
-    assert {k.split(".")[0] for k in keys} == {"policy", "srm"}
+    assert not [k for k in keys if k.startswith(("agent.segmenter.", "agent.matcher."))]
+    assert {tuple(k.split(".")[:2]) for k in keys} == {("agent", "policy"), ("agent", "srm")}
     assert "generator" in checkpoint["alignsam"]  # the rollout sampler, for an exact resume
     # Weights plus Adam's two moments, and some room for loops and hyperparameters; a frozen model in
     # the file would not fit (the tiny SAM alone is larger than this budget).
@@ -120,6 +120,23 @@ def test_checkpoint_loads_with_torch_default_weights_only(fitted):
     _, _, _, log_dir = fitted
     checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu")
     assert checkpoint["state_dict"]
+
+
+def test_a_checkpoint_of_the_layout_before_the_agent_module_still_loads(fitted, tmp_path):
+    """Checkpoints written before alignsam.agent existed name the weights policy.* / srm.*: the
+    LightningModule (evaluate.py, resume) and Agent.from_checkpoint (the Python API) both load them."""
+    from alignsam.agent import Agent
+
+    _, model, _, log_dir = fitted
+    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = {k.removeprefix("agent."): v for k, v in checkpoint["state_dict"].items()}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded = AlignSAM.load_from_checkpoint(old, map_location="cpu")
+    assert all(torch.equal(loaded.state_dict()[k], v.cpu()) for k, v in expected.items())
+    agent = Agent.from_checkpoint(old)
+    assert all(torch.equal(agent.state_dict()[k.removeprefix("agent.")], v.cpu()) for k, v in expected.items())
 
 
 def test_tensorboard_holds_training_diagnostics_validation_and_episode_pictures(fitted):

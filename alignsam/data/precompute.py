@@ -339,11 +339,12 @@ class PrecomputeFeatures(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         error: Optional[Exception] = None
+        agent = getattr(pl_module, "agent", pl_module)  # AlignSAM holds an Agent: segmenter, matcher, store
         try:
             precompute_splits(
-                pl_module.segmenter, pl_module.store, self.datasets(trainer),
-                matcher=pl_module.matcher,
-                map_hw=pl_module.segmenter.low_res_hw if pl_module.matcher is not None else None,
+                agent.segmenter, agent.store, self.datasets(trainer),
+                matcher=agent.matcher,
+                map_hw=agent.segmenter.low_res_hw if agent.matcher is not None else None,
                 device=trainer.strategy.root_device, encode_chunk=self.encode_chunk,
                 rank=trainer.global_rank, world_size=trainer.world_size,
                 show_progress=trainer.progress_bar_callback is not None and trainer.is_global_zero,

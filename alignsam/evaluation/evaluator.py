@@ -24,7 +24,7 @@ from alignsam.evaluation.strategies import NEEDS_PROTOTYPES, RUNNERS, BatchConte
 from alignsam.metrics.tasks import SEMANTIC_TASKS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from alignsam.module import AlignSAM
+    from alignsam.agent import Agent
 
 # Called with (batch, embedded, outcome, original-size logits) for the agent's outcome of each batch.
 PredictionHook = Callable[[List[Dict], object, Outcome, List[torch.Tensor]], None]
@@ -36,7 +36,7 @@ class Evaluator:
     """Scores ``strategies`` batch by batch.
 
     Args:
-        module: the trained agent (its segmenter, SRM, policy and configs).
+        agent: the trained agent (its segmenter, SRM, policy and configs).
         strategies: names from :data:`~alignsam.evaluation.strategies.STRATEGIES`; ``agent`` first.
         seed: seed of the random-click baseline (the same clicks on every run).
         oracle_clicks: clicks the oracle makes (its NoC is capped there).
@@ -45,18 +45,18 @@ class Evaluator:
         on_agent: optional hook that receives the agent's predictions (``--save_predictions``).
     """
 
-    def __init__(self, module: "AlignSAM", strategies: Sequence[str], seed: int, oracle_clicks: int = 20,
+    def __init__(self, agent: "Agent", strategies: Sequence[str], seed: int, oracle_clicks: int = 20,
                  train_samples: Optional[Sequence[Dict]] = None, on_agent: Optional[PredictionHook] = None) -> None:
-        self.module = module
+        self.agent = agent
         self.strategies = list(strategies)
         self.generator = torch.Generator().manual_seed(seed)
         self.oracle_clicks = oracle_clicks
         self.on_agent = on_agent
         self.prototypes = None
         if any(n in NEEDS_PROTOTYPES for n in self.strategies):
-            self.prototypes = persam_prototypes(module, train_samples) if train_samples else {}
-        self.scores = StrategyScores(self.strategies, module.new_metrics, module.hparams.task in SEMANTIC_TASKS,
-                                     module.device)
+            self.prototypes = persam_prototypes(agent, train_samples) if train_samples else {}
+        self.scores = StrategyScores(self.strategies, agent.new_metrics, agent.task in SEMANTIC_TASKS,
+                                     agent.device)
         # strategy -> (reason, class id -> episode text) of its unscored episodes, for one warning
         self._unscored: Dict[str, Tuple[str, Dict[int, str]]] = {}
         self._warned = False
@@ -64,12 +64,12 @@ class Evaluator:
     @torch.no_grad()
     def add_batch(self, batch: List[Dict]) -> Tuple[Dict[str, Outcome], EmbeddedImages]:
         """Run and score every strategy on one batch; returns their outcomes and the embeddings."""
-        episodes, embedded = self.module.prepare(batch)
-        ctx = BatchContext(self.module, batch, episodes, embedded, self.generator, self.oracle_clicks, self.prototypes)
+        episodes, embedded = self.agent.prepare(batch)
+        ctx = BatchContext(self.agent, batch, episodes, embedded, self.generator, self.oracle_clicks, self.prototypes)
         outcomes = {}
         for name in self.strategies:
             outcome = RUNNERS[name](ctx)
-            logits = original_logits(self.module.segmenter, outcome.logits, embedded)
+            logits = original_logits(self.agent.segmenter, outcome.logits, embedded)
             self.scores.add(name, batch, logits, ctx.gts, outcome.unscored)
             if outcome.curve is not None:
                 self.scores.add_curve(name, outcome.curve, outcome.unscored)

@@ -19,7 +19,6 @@ import torch
 
 from alignsam.errors import UserError, traceback_requested
 from alignsam.evaluation.images import ImageFolderError, iter_images, list_images, output_stems
-from alignsam.evaluation.scoring import original_logits
 from alignsam.evaluation.writer import save_binary_prediction, save_label_map_prediction
 from alignsam.geometry import sam_to_original_points
 
@@ -68,24 +67,11 @@ class PredictionSaver:
 
 
 # -- evaluate.py predict: a folder of new images ---------------------------------------------------
-def episode_text(module, text: Optional[str]) -> str:
-    """The text of every episode: ``--text``, else the task's own word (binary tasks only)."""
-    from alignsam.data.scenes import TASK_TEXT
-    from alignsam.metrics.tasks import SEMANTIC_TASKS
-
-    task = module.hparams.task
-    if text:
-        return text
-    if task in SEMANTIC_TASKS:
-        raise ValueError(f"--text is required for the {task} task: the class to segment (e.g. --text cat)")
-    return TASK_TEXT.get(task, task)
-
-
 @torch.no_grad()
-def predict_folder(module, images_dir: str, out_dir: str, text: Optional[str] = None, batch_size: int = 8):
-    """Run the agent on every readable image of ``images_dir``; returns ``(written, failures)`` with
-    failures a list of ``(path, reason)`` for the files that could not be read (they are skipped)."""
-    text = episode_text(module, text)
+def predict_folder(predictor, images_dir: str, out_dir: str, text: Optional[str] = None, batch_size: int = 8):
+    """Run an :class:`~alignsam.api.AlignSAMPredictor` on every readable image of ``images_dir``;
+    returns ``(written, failures)`` with failures a list of ``(path, reason)`` for the files that
+    could not be read (they are skipped)."""
     paths = list_images(images_dir)
     stems = output_stems(paths)
     written, failures, pending = 0, [], []
@@ -93,14 +79,11 @@ def predict_folder(module, images_dir: str, out_dir: str, text: Optional[str] = 
     def flush() -> int:
         if not pending:
             return 0
-        samples = [{"image": r.image, "text": text, "id": stems[r.path], "image_id": stems[r.path]} for r in pending]
-        episodes, embedded = module.prepare(samples, with_gt=False)
-        rollout = module.rollout(episodes, training=False, greedy=True)
-        points, labels = _clicks_in_original_frame(rollout.points, rollout.point_labels, embedded, module.segmenter)
-        logits = original_logits(module.segmenter, rollout.final_logits, embedded)
-        for i, (result, sample) in enumerate(zip(pending, samples)):
-            save_binary_prediction(out_dir, sample["id"], result.image, logits[i].cpu(), points[i], labels[i])
-            log.info("%s -> %s", result.path, sample["id"])
+        ids = [stems[r.path] for r in pending]
+        results = predictor.predict_batch([r.image for r in pending], [text] * len(pending), ids)
+        for read, stem, result in zip(pending, ids, results):
+            save_binary_prediction(out_dir, stem, read.image, torch.from_numpy(result.logits), result.clicks, result.labels)
+            log.info("%s -> %s", read.path, stem)
         count = len(pending)
         pending.clear()
         return count
@@ -132,35 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_agent(ckpt_path: str, device: str, segmenter_checkpoint: Optional[str] = None, feature_cache: Optional[str] = None):
-    """The trained agent from a train.py checkpoint (its configs come from the checkpoint)."""
-    from dataclasses import asdict, is_dataclass
-
-    from alignsam.module import AlignSAM
-    from alignsam.run_files import read_run_checkpoint
-
-    path = Path(ckpt_path)
-    hparams = read_run_checkpoint(path)["hyper_parameters"]
-    overrides = {}
-    if segmenter_checkpoint:
-        stored = hparams["segmenter"]
-        stored = asdict(stored) if is_dataclass(stored) else dict(stored)
-        # a plain dict, as the module's hyperparameters hold it (a SegmenterConfig here was a TypeError)
-        overrides["segmenter"] = {**stored, "checkpoint": segmenter_checkpoint}
-    if feature_cache:
-        overrides["feature_cache"] = feature_cache
-    module = AlignSAM.load_from_checkpoint(str(path), map_location=device, **overrides)
-    return module.to(device).eval()
-
-
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be >= 1")
+    from alignsam.api import AlignSAMPredictor, default_text
+
     try:
-        module = load_agent(args.ckpt_path, args.device, args.segmenter_checkpoint, args.feature_cache)
-        episode_text(module, args.text)  # fails before any image is read
-        written, failures = predict_folder(module, args.images, args.out, args.text, args.batch_size)
+        predictor = AlignSAMPredictor.from_checkpoint(args.ckpt_path, args.device, args.segmenter_checkpoint,
+                                                      args.feature_cache)
+        default_text(predictor.task, args.text)  # fails before any image is read
+        written, failures = predict_folder(predictor, args.images, args.out, args.text, args.batch_size)
     except (UserError, FileNotFoundError, ImageFolderError, ValueError) as error:
         if traceback_requested():
             raise

@@ -50,7 +50,7 @@ from alignsam.geometry import MASK_LOGIT_THRESHOLD, original_to_sam_points, samp
 from alignsam.rl.env import Episodes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from alignsam.module import AlignSAM
+    from alignsam.agent import Agent
 
 LABELS = {
     "agent": "AlignSAM agent",
@@ -96,7 +96,7 @@ class BatchContext:
     when there are no few-shot training episodes (then PerSAM scores nothing).
     """
 
-    module: "AlignSAM"
+    agent: "Agent"
     batch: List[Dict]
     episodes: Episodes
     embedded: EmbeddedImages
@@ -107,7 +107,7 @@ class BatchContext:
 
     @property
     def steps(self) -> int:
-        return self.module.env_config.steps
+        return self.agent.env_config.steps
 
     @property
     def gts(self) -> List[torch.Tensor]:
@@ -119,29 +119,29 @@ class BatchContext:
     def srm_probs(self) -> torch.Tensor:
         """The SRM's foreground probabilities of the unprompted image ``(B, 1, h, w)`` (E * 1)."""
         if "srm" not in self._cache:
-            module = self.module
-            text = self.episodes.text_state if module.srm_text else None
-            self._cache["srm"] = torch.sigmoid(module.srm(self.episodes.embeddings, text)).float()
+            agent = self.agent
+            text = self.episodes.text_state if agent.srm_text else None
+            self._cache["srm"] = torch.sigmoid(agent.srm(self.episodes.embeddings, text)).float()
         return self._cache["srm"]
 
     def seed_prompts(self):
         """The agent's P_0 (``(B, 2, 2)``, ``(B, 2)``), or empty prompts with ``init_prompts: none``."""
-        if self.module.env_config.init_prompts != "srm":
+        if self.agent.env_config.init_prompts != "srm":
             b, device = len(self.episodes), self.episodes.embeddings.device
             return torch.zeros(b, 0, 2, device=device), torch.zeros(b, 0, dtype=torch.long, device=device)
-        return baselines.best_and_worst_cells(self.srm_probs(), self.episodes.region, self.module.segmenter.img_size)
+        return baselines.best_and_worst_cells(self.srm_probs(), self.episodes.region, self.agent.segmenter.img_size)
 
     def decode(self, points: torch.Tensor, labels: torch.Tensor) -> Outcome:
-        logits, _ = self.module.segmenter.decode(self.episodes.sam_embeddings, points, labels)
+        logits, _ = self.agent.segmenter.decode(self.episodes.sam_embeddings, points, labels)
         return Outcome(logits, points, labels)
 
 
 def _agent_outcome(ctx: BatchContext, **rollout_options) -> Outcome:
-    module = ctx.module
-    rollout = module.rollout(ctx.episodes, training=False, greedy=module.env_config.greedy_eval, **rollout_options)
-    seeds = 2 if module.env_config.init_prompts == "srm" else 0
+    agent = ctx.agent
+    rollout = agent.rollout(ctx.episodes, training=False, greedy=agent.env_config.greedy_eval, **rollout_options)
+    seeds = 2 if agent.env_config.init_prompts == "srm" else 0
     rows = len(rollout.step_logits)
-    ious = torch.stack([episode_ious(original_logits(module.segmenter, step, ctx.embedded), ctx.gts)
+    ious = torch.stack([episode_ious(original_logits(agent.segmenter, step, ctx.embedded), ctx.gts)
                         for step in rollout.step_logits])
     clicks = torch.arange(rows)
     curve = ClickCurve(ious, clicks, clicks + seeds)
@@ -161,13 +161,13 @@ def single_step(ctx: BatchContext) -> Outcome:
 
 
 def centre(ctx: BatchContext) -> Outcome:
-    e, segmenter = ctx.embedded, ctx.module.segmenter
-    return ctx.decode(*baselines.centre_click(ctx.module.env_config.grid, e.original_hw, segmenter.img_size))
+    e, segmenter = ctx.embedded, ctx.agent.segmenter
+    return ctx.decode(*baselines.centre_click(ctx.agent.env_config.grid, e.original_hw, segmenter.img_size))
 
 
 def random(ctx: BatchContext) -> Outcome:
-    e, grid = ctx.embedded, ctx.module.env_config.grid
-    return ctx.decode(*baselines.random_clicks(ctx.steps, grid, e.original_hw, ctx.module.segmenter.img_size, ctx.generator))
+    e, grid = ctx.embedded, ctx.agent.env_config.grid
+    return ctx.decode(*baselines.random_clicks(ctx.steps, grid, e.original_hw, ctx.agent.segmenter.img_size, ctx.generator))
 
 
 def _with_seeds(ctx: BatchContext, points: torch.Tensor, labels: torch.Tensor) -> Outcome:
@@ -176,18 +176,18 @@ def _with_seeds(ctx: BatchContext, points: torch.Tensor, labels: torch.Tensor) -
 
 
 def _srm_labels(ctx: BatchContext, points: torch.Tensor) -> torch.Tensor:
-    prob = sample_at_sam_points(ctx.srm_probs(), points, ctx.module.segmenter.img_size)
-    return (prob >= ctx.module.srm_config.threshold).long()
+    prob = sample_at_sam_points(ctx.srm_probs(), points, ctx.agent.segmenter.img_size)
+    return (prob >= ctx.agent.srm_config.threshold).long()
 
 
 def grid_srm(ctx: BatchContext) -> Outcome:
-    actions = baselines.spread_patches(ctx.module.env_config.grid, ctx.steps).to(ctx.episodes.action_points.device)
+    actions = baselines.spread_patches(ctx.agent.env_config.grid, ctx.steps).to(ctx.episodes.action_points.device)
     points = ctx.episodes.action_points[:, actions]
     return _with_seeds(ctx, points, _srm_labels(ctx, points))
 
 
 def no_rl(ctx: BatchContext) -> Outcome:
-    scores = sample_at_sam_points(ctx.srm_probs(), ctx.episodes.action_points, ctx.module.segmenter.img_size)
+    scores = sample_at_sam_points(ctx.srm_probs(), ctx.episodes.action_points, ctx.agent.segmenter.img_size)
     return _with_seeds(ctx, *baselines.ranked_patch_prompts(scores, ctx.episodes.action_points, ctx.steps))
 
 
@@ -208,7 +208,7 @@ def persam(ctx: BatchContext) -> Outcome:
     placeholder = torch.zeros(embeddings.shape[1])
     protos = torch.stack([ctx.prototypes.get(i, placeholder).float() for i in ids]).to(embeddings.device)
     prior = baselines.cosine_location_prior(embeddings, protos)
-    outcome = ctx.decode(*baselines.best_and_worst_cells(prior, ctx.episodes.region, ctx.module.segmenter.img_size))
+    outcome = ctx.decode(*baselines.best_and_worst_cells(prior, ctx.episodes.region, ctx.agent.segmenter.img_size))
     unscored = torch.tensor([i not in ctx.prototypes for i in ids])
     if unscored.any():
         outcome.unscored = unscored
@@ -221,14 +221,14 @@ def oracle(ctx: BatchContext) -> Outcome:
     """Clicks of the standard simulator, each from the previous mask's largest error region at
     original resolution; finished episodes get padding (label -1). The outcome's mask and prompts
     are those after T clicks (the agent's budget); the curve goes on to ``ctx.oracle_clicks``."""
-    segmenter, e = ctx.module.segmenter, ctx.embedded
+    segmenter, e = ctx.agent.segmenter, ctx.embedded
     gts = [g.numpy() for g in ctx.gts]
     b, device = len(gts), ctx.episodes.embeddings.device
     preds = [np.zeros_like(g) for g in gts]
     points = torch.zeros(b, 0, 2, device=device)
     labels = torch.zeros(b, 0, dtype=torch.long, device=device)
     logits, rows, at_budget = None, [], None
-    feed_mask = ctx.module.env_config.feed_mask_input
+    feed_mask = ctx.agent.env_config.feed_mask_input
     for click_index in range(1, max(ctx.oracle_clicks, ctx.steps) + 1):
         clicks, click_labels = [], []
         for pred, gt in zip(preds, gts):
@@ -279,14 +279,14 @@ def default_strategies(has_matcher: bool) -> List[str]:
 
 
 @torch.no_grad()
-def persam_prototypes(module: "AlignSAM", samples: Sequence[Dict], chunk: int = 16) -> Dict[int, torch.Tensor]:
+def persam_prototypes(agent: "Agent", samples: Sequence[Dict], chunk: int = 16) -> Dict[int, torch.Tensor]:
     """PerSAM's target feature per class id: the mean over few-shot training episodes of each
     episode's mean embedding under its ground truth (on the embedding grid) -> ``{class_id: (C,)}``."""
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, int] = {}
     for start in range(0, len(samples), chunk):
         part = [samples[i] for i in range(start, min(start + chunk, len(samples)))]
-        episodes, _ = module.prepare(part)
+        episodes, _ = agent.prepare(part)
         features = baselines.masked_mean_feature(episodes.embeddings, episodes.gt_grid)
         has_target = episodes.gt_grid.flatten(1).sum(1) > 0
         for sample, feature, ok in zip(part, features, has_target.tolist()):

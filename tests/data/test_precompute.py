@@ -372,10 +372,10 @@ class RecordRanks(PrecomputeFeatures):
 
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)
-        self.after = dict(vars(pl_module.store.stats), entries=len(pl_module.store.entry_paths(EMBEDDING_KIND)))
+        self.after = dict(vars(pl_module.agent.store.stats), entries=len(pl_module.agent.store.entry_paths(EMBEDDING_KIND)))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        record = {"after_precompute": self.after, "at_fit_end": vars(pl_module.store.stats)}
+        record = {"after_precompute": self.after, "at_fit_end": vars(pl_module.agent.store.stats)}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

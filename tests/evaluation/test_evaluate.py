@@ -134,12 +134,12 @@ def test_saved_predictions_are_at_original_resolution(evaluated):
 def context(trained):
     task, model, _ = trained
     batch = [tiny_data(task).test_dataset[i] for i in range(4)]
-    episodes, embedded = model.prepare(batch)
+    episodes, embedded = model.agent.prepare(batch)
     from alignsam.evaluation.strategies import persam_prototypes
 
     train = tiny_data(task).train_dataset
-    return lambda: BatchContext(model, batch, episodes, embedded, torch.Generator().manual_seed(0),
-                                oracle_clicks=3, prototypes=persam_prototypes(model, train))
+    return lambda: BatchContext(model.agent, batch, episodes, embedded, torch.Generator().manual_seed(0),
+                                oracle_clicks=3, prototypes=persam_prototypes(model.agent, train))
 
 
 def test_ablations_change_only_what_they_name(context):
@@ -166,7 +166,7 @@ def test_oracle_clicks_start_inside_the_target_and_random_clicks_repeat_with_the
     oracle = RUNNERS["oracle"](ctx)
     assert oracle.points.shape[1] == ctx.steps  # the outcome is the one at the agent's budget
     assert oracle.curve.ious.shape == (3, 4)
-    first = sam_to_original_points(oracle.points[:, :1], ctx.embedded.original_hw, ctx.module.segmenter.img_size)
+    first = sam_to_original_points(oracle.points[:, :1], ctx.embedded.original_hw, ctx.agent.segmenter.img_size)
     for gt, (x, y), label in zip(ctx.gts, first[:, 0].tolist(), oracle.labels[:, 0].tolist()):
         assert label == 1 and gt[int(y), int(x)], "the first oracle click is a positive one on the target"
     a, b = RUNNERS["random"](context()), RUNNERS["random"](context())
@@ -177,7 +177,7 @@ def test_persam_clicks_the_cell_most_like_the_few_shot_target(context):
     ctx = context()
     outcome = RUNNERS["persam"](ctx)
     assert outcome.labels.tolist() == [[1, 0]] * 4
-    assert set(ctx.prototypes) == ({0} if ctx.module.hparams.task == "saliency" else set(ctx.prototypes))
+    assert set(ctx.prototypes) == ({0} if ctx.agent.task == "saliency" else set(ctx.prototypes))
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -234,7 +234,8 @@ def test_predict_needs_a_class_name_for_the_semantic_tasks(trained, tmp_path, ca
     write_mixed_folder(images)
     with pytest.raises(SystemExit) as exit_:
         evaluate_main(["predict", "--ckpt_path", str(ckpt), "--images", str(images), "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and "--text is required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "text is required" in err and "--text cat" in err
 
 
 def test_evaluate_py_help_lists_its_own_options():

@@ -43,7 +43,7 @@ def categories(tmp_path_factory):
 
 
 def evaluate(model, names, train, test, batch_size=4):
-    evaluator = Evaluator(model, names, seed=1, oracle_clicks=2, train_samples=train)
+    evaluator = Evaluator(model.agent, names, seed=1, oracle_clicks=2, train_samples=train)
     for start in range(0, len(test), batch_size):
         evaluator.add_batch(test[start:start + batch_size])
     return evaluator
@@ -112,9 +112,9 @@ def test_persam_without_any_training_episode_scores_nothing_but_stops_nothing(ca
 def test_the_persam_runner_marks_the_episodes_of_a_class_without_prototype(categories):
     model, train, test, missing = categories
     batch = test[:4]
-    episodes, embedded = model.prepare(batch)
-    ctx = BatchContext(model, batch, episodes, embedded, torch.Generator().manual_seed(0),
-                       prototypes=persam_prototypes(model, train))
+    episodes, embedded = model.agent.prepare(batch)
+    ctx = BatchContext(model.agent, batch, episodes, embedded, torch.Generator().manual_seed(0),
+                       prototypes=persam_prototypes(model.agent, train))
     outcome = RUNNERS["persam"](ctx)
     assert outcome.unscored.tolist() == [s["class_id"] == missing for s in batch]
     assert "few-shot" in outcome.unscored_reason
