@@ -18,6 +18,17 @@ Frames
   :func:`resize_whole_image_maps` changes the grid; :func:`whole_image_maps_to_sam_grid` puts such
   maps into the padded square of SAM's frames (e.g. onto the embedding grid).
 
+SAM 2's frame
+-------------
+SAM 2 (:mod:`alignsam.foundation.sam2_segmenter`) resizes the *whole* image to its square input
+(aspect not kept, no padding) and puts points there by ``x * S / W``, ``y * S / H``, as
+``SAM2ImagePredictor`` does. A segmenter with that frame reports its ``img_size`` as a
+:class:`SquashedSquare` (an ``int``, the side ``S``) and every image's ``input_hw`` as ``(S, S)``:
+the image region is then the whole square, so the functions that read ``input_hw`` (patch pooling,
+image regions, whole-image maps and masks on a grid) need nothing else, and the ones that only see
+``original_hw`` and ``img_size`` (the point maps, :func:`input_size_for`, :func:`low_res_to_original`)
+read the frame from the type of ``img_size``. A plain ``int`` is SAM's frame, computed exactly as before.
+
 Masks
 -----
 SAM's logits are thresholded at ``MASK_LOGIT_THRESHOLD`` (0.0, SAM's own ``mask_threshold``);
@@ -38,8 +49,40 @@ PROB_THRESHOLD = 0.5
 GT_FOREGROUND_THRESHOLD = 127
 
 
+class SquashedSquare(int):
+    """The input side ``S`` of a segmenter whose frame is the whole image resized to ``S x S``
+    (SAM 2: aspect not kept, no padding), as opposed to SAM's longest-side resize plus padding.
+
+    It is an ``int`` so that every ``img_size`` argument takes it; the functions of this module
+    that depend on the frame check its type (:func:`is_squashed_square`). Arithmetic on it gives a
+    plain ``int`` (SAM's frame): pass the segmenter's ``img_size`` itself.
+    """
+
+    def __repr__(self) -> str:
+        return f"SquashedSquare({int(self)})"
+
+    def __reduce__(self):  # pickles as itself, not as a plain int
+        return SquashedSquare, (int(self),)
+
+
+def is_squashed_square(img_size: int) -> bool:
+    """Whether ``img_size`` is SAM 2's frame (:class:`SquashedSquare`) rather than SAM's."""
+    return isinstance(img_size, SquashedSquare)
+
+
+def input_frame_description(img_size: int) -> dict:
+    """How images enter the frame of ``img_size``, for cache keys: SAM's ``{"resize": "longest_side",
+    "pad": "bottom_right"}`` or SAM 2's whole-image square resize."""
+    if is_squashed_square(img_size):
+        return {"resize": "whole_image_to_square", "pad": "none", "interpolation": "bilinear_antialias"}
+    return {"resize": "longest_side", "pad": "bottom_right"}
+
+
 def input_size_for(original_hw: Tuple[int, int], img_size: int) -> Tuple[int, int]:
-    """Size ``(h, w)`` of an ``original_hw`` image after SAM's longest-side resize to ``img_size``."""
+    """Size ``(h, w)`` of an ``original_hw`` image after SAM's longest-side resize to ``img_size``
+    (``(S, S)`` in SAM 2's frame, :class:`SquashedSquare`)."""
+    if is_squashed_square(img_size):
+        return int(img_size), int(img_size)
     h, w = original_hw
     scale = img_size / max(h, w)
     return int(h * scale + 0.5), int(w * scale + 0.5)
@@ -47,6 +90,8 @@ def input_size_for(original_hw: Tuple[int, int], img_size: int) -> Tuple[int, in
 
 def resize_image_for_sam(image: np.ndarray, img_size: int) -> np.ndarray:
     """Longest-side resize of a ``(H, W, 3)`` uint8 image, exactly as ``SamPredictor`` does it."""
+    if is_squashed_square(img_size):
+        raise ValueError("resize_image_for_sam is SAM's longest-side resize; SAM 2 segmenters preprocess their own images")
     from segment_anything.utils.transforms import ResizeLongestSide
 
     return ResizeLongestSide(img_size).apply_image(image)
@@ -70,7 +115,10 @@ def original_to_sam_points(
 
 
 def _resized_hw(original_hw: torch.Tensor, img_size: int) -> torch.Tensor:
-    """``(B, 2)`` float sizes after SAM's longest-side resize, as :func:`input_size_for` rounds them."""
+    """``(B, 2)`` float sizes after SAM's longest-side resize, as :func:`input_size_for` rounds them
+    (``S`` on both sides in SAM 2's frame)."""
+    if is_squashed_square(img_size):
+        return torch.full_like(original_hw, float(img_size))
     scale = img_size / original_hw.max(dim=1).values  # (B,)
     return torch.floor(original_hw * scale[:, None] + 0.5)
 
@@ -112,7 +160,8 @@ def actions_to_sam_points(
 def low_res_to_original(
     low_res: torch.Tensor, input_hw: Tuple[int, int], original_hw: Tuple[int, int], img_size: int
 ) -> torch.Tensor:
-    """Upsample low-res logits of one image back to its original frame (as ``Sam.postprocess_masks``).
+    """Upsample low-res logits of one image back to its original frame (as ``Sam.postprocess_masks``;
+    in SAM 2's frame one bilinear resize of the whole square, as ``SAM2Transforms.postprocess_masks``).
 
     Args:
         low_res: ``(C, h, w)`` or ``(1, C, h, w)`` logits in the low-res frame.
@@ -120,6 +169,8 @@ def low_res_to_original(
         ``(C, H, W)`` logits at original resolution.
     """
     x = low_res if low_res.dim() == 4 else low_res[None]
+    if is_squashed_square(img_size):
+        return F.interpolate(x.float(), tuple(int(v) for v in original_hw), mode="bilinear", align_corners=False)[0]
     x = F.interpolate(x.float(), (img_size, img_size), mode="bilinear", align_corners=False)
     x = x[..., : input_hw[0], : input_hw[1]]
     x = F.interpolate(x, tuple(int(v) for v in original_hw), mode="bilinear", align_corners=False)

@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from alignsam.data.feature_files import CorruptEntryError, read_entry, remove_stale_temp_files, write_entry
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
+from alignsam.geometry import input_frame_description
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,14 @@ def model_identity(model: Any) -> Dict[str, str]:
 
 
 def segmenter_preprocessing(segmenter: Segmenter) -> Dict[str, Any]:
-    """What SAM's preprocessing depends on: input size, resize rule, normalisation."""
-    prep: Dict[str, Any] = {"img_size": int(segmenter.img_size), "resize": "longest_side", "pad": "bottom_right"}
-    sam = getattr(segmenter, "sam", None)
-    if sam is not None:
-        prep["pixel_mean"] = [round(float(v), 6) for v in sam.pixel_mean.flatten()]
-        prep["pixel_std"] = [round(float(v), 6) for v in sam.pixel_std.flatten()]
+    """What SAM's preprocessing depends on: input size, resize rule (the frame, see
+    :func:`~alignsam.geometry.input_frame_description`), normalisation (the segmenter's own
+    ``pixel_mean`` / ``pixel_std`` when it has them, as SAM 2's does, else its SAM's)."""
+    prep: Dict[str, Any] = {"img_size": int(segmenter.img_size), **input_frame_description(segmenter.img_size)}
+    source = segmenter if hasattr(segmenter, "pixel_mean") else getattr(segmenter, "sam", None)
+    if source is not None and hasattr(source, "pixel_mean"):
+        prep["pixel_mean"] = [round(float(v), 6) for v in source.pixel_mean.flatten()]
+        prep["pixel_std"] = [round(float(v), 6) for v in source.pixel_std.flatten()]
     return prep
 
 
