@@ -22,6 +22,7 @@ from alignsam.foundation.clip_surgery import (
     Tokenizer,
     build_open_clip_matcher,
 )
+from alignsam.foundation.sam2_segmenter import SAM2_BUILDERS
 from alignsam.foundation.segmenter import Segmenter, SegmenterBuilder, official_builder, resolve_weights_path
 from alignsam.foundation.tiny import build_tiny_segmenter
 from alignsam.foundation.tiny_clip import build_tiny_text_matcher
@@ -31,6 +32,7 @@ SEGMENTER_BUILDERS: Dict[str, SegmenterBuilder] = {
     "vit_l": official_builder("vit_l"),
     "vit_h": official_builder("vit_h"),
     "tiny": build_tiny_segmenter,
+    **SAM2_BUILDERS,  # sam2.1_hiera_{t,s,b+,l} and sam2_hiera_{t,s,b+,l}; needs the sam2 extra (docs/sam2.md)
 }
 
 TEXT_MATCHER_BUILDERS: Dict[str, TextMatcherBuilder] = {
