@@ -201,7 +201,8 @@ def test_real_config_trains_evaluates_and_predicts(name, standins, drill_device,
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # no pickled objects
     state = ckpt["state_dict"]
-    frozen = sorted(k for k in state if k.startswith(("segmenter.", "matcher.")))
+    # frozen models stay out, wherever they sit in the module tree (segmenter.*, agent.matcher.*, ...)
+    frozen = sorted(k for k in state if {"segmenter", "matcher"} & set(k.split(".")))
     check(task, "train", state and not frozen,
           f"the checkpoint holds {len(frozen)} frozen-model entries (e.g. {frozen[:3]}); they must stay out")
 
