@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from alignsam.config_files import add_base_config_argument, expand_base_configs
 from alignsam.data.precompute import PrecomputeFeatures
 from alignsam.errors import CommandLineError, check_range, exit_on_user_error
 from alignsam.metrics import HEADLINE_METRICS
@@ -68,6 +69,7 @@ class AlignSAMCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_base_config_argument(parser)  # a config's base_config key (conf/<task>.yaml -> conf/_base.yaml)
         parser.add_argument("--precompute", type=bool, default=True,
                             help="embed every image into the feature cache before the loop (a progress bar per split; "
                                  "under DDP each rank embeds its share)")
@@ -146,7 +148,14 @@ def known_keys(parser: LightningArgumentParser) -> List[str]:
 
 def main(args=None) -> None:
     """``train.py``: a UserError (data, checkpoint, config) ends as one line and exit status 2."""
-    exit_on_user_error(lambda: AlignSAMCLI(args=args))
+    def run() -> None:
+        if args is None:
+            sys.argv[1:] = expand_base_configs(sys.argv[1:])
+            AlignSAMCLI()
+        else:
+            AlignSAMCLI(args=expand_base_configs(list(args)))
+
+    exit_on_user_error(run)
 
 
 class EvaluateCLI(AlignSAMCLI):
@@ -270,7 +279,7 @@ def evaluate_main(args=None) -> None:
         argv.insert(0, "test")  # also for -h: the help of test, whose options are evaluate.py's
 
     def run() -> None:
-        full = with_run_config(argv)
+        full = expand_base_configs(with_run_config(argv))
         if args is None:
             sys.argv[1:] = full
             EvaluateCLI()

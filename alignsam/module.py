@@ -240,22 +240,31 @@ class AlignSAM(L.LightningModule):
         self.log_dict({f"{stage}_iou_curve/step_{int(k[4:]):02d}": v for k, v in curve.items()}, sync_dist=True)
 
     def _log_episode_images(self, batch: List[Dict], outcome, embedded: EmbeddedImages) -> None:
+        """``val/episode_<i>``: one picture per episode (image | ground truth | prediction with its
+        numbered clicks, titled with the episode and its IoU), at the step of the scalars logged
+        with it (training batches done, as ``self.log`` counts them under manual optimisation)."""
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        from alignsam.visualize import episode_panel, stack_panels
+        from alignsam.evaluation.scoring import episode_ious
+        from alignsam.visualize import episode_picture
 
         if not isinstance(self.logger, TensorBoardLogger) or self.hparams.log_images <= 0:
             return
+        segmenter = self.agent.segmenter
         n = min(self.hparams.log_images, len(batch))
-        points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], self.agent.segmenter.img_size)
-        panels = []
-        logits = original_logits(self.agent.segmenter, outcome.logits[:n], embedded)
+        points = sam_to_original_points(outcome.points[:n].float(), embedded.original_hw[:n], segmenter.img_size)
+        logits = original_logits(segmenter, outcome.logits[:n], embedded)
+        gts = [torch.as_tensor(np.asarray(batch[i]["mask"], bool)) for i in range(n)]
+        ious = episode_ious(logits, gts).tolist()
+        # the step self.log gives the validation scalars (Lightning's logger connector reads this
+        # counter: training batches done, not optimizer steps, under manual optimisation)
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         for i in range(n):
-            mask = logits[i] > MASK_LOGIT_THRESHOLD
-            panels.append(episode_panel(batch[i]["image"], np.asarray(batch[i]["mask"], bool), mask.cpu().numpy(),
-                                        points[i].cpu().numpy(), outcome.labels[i].cpu().numpy(),
-                                        title=f"{batch[i]['id']} ({batch[i].get('text', '')})"))
-        self.logger.experiment.add_image("val/episodes", stack_panels(panels), self.global_step, dataformats="HWC")
+            keep = (outcome.labels[i] >= 0).cpu().numpy()
+            picture = episode_picture(batch[i]["image"], gts[i].numpy(), (logits[i] > MASK_LOGIT_THRESHOLD).cpu().numpy(),
+                                      points[i].cpu().numpy()[keep], outcome.labels[i].cpu().numpy()[keep],
+                                      title=f"{batch[i]['id']} ({batch[i].get('text', '')})", iou=ious[i])
+            self.logger.experiment.add_image(f"val/episode_{i}", picture, step, dataformats="HWC")
 
     # -- DDP ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

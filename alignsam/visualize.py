@@ -247,6 +247,47 @@ def episode_panel(
     return panel
 
 
+EPISODE_MIN_SIDE = 384  # small images are enlarged for pictures, so click numbers stay legible
+
+
+def episode_picture(
+    image: np.ndarray,
+    gt: np.ndarray,
+    mask: np.ndarray,
+    points: np.ndarray,
+    labels: np.ndarray,
+    title: str,
+    iou: Optional[float] = None,
+    min_side: int = EPISODE_MIN_SIDE,
+) -> np.ndarray:
+    """One episode as one picture, as TensorBoard shows it: a title strip (``title`` and the IoU),
+    a strip naming the three columns, and :func:`episode_panel` below.
+
+    Images whose longer side is below ``min_side`` are enlarged (nearest neighbour, clicks scaled
+    with them) so that the numbers of nearby clicks (1 and 6) do not merge into one ("16").
+
+    Returns:
+        uint8 ``(title_height(3W') + title_height(W') + H', 3W', 3)`` with ``(H', W')`` the (enlarged)
+        image size.
+    """
+    rgb = _check_image(image)
+    h, w = rgb.shape[:2]
+    factor = max(1, int(np.ceil(min_side / max(h, w))))
+    if factor > 1:
+        rgb = np.repeat(np.repeat(rgb, factor, 0), factor, 1)
+        gt = np.repeat(np.repeat(_check_mask(gt, (h, w), "gt"), factor, 0), factor, 1)
+        mask = np.repeat(np.repeat(_check_mask(mask, (h, w), "mask"), factor, 0), factor, 1)
+        points = np.asarray(points, np.float64).reshape(-1, 2) * factor
+    panel = episode_panel(rgb, gt, mask, points, labels)
+    width = panel.shape[1]
+    column = width // 3
+    columns = [_title_strip(name, column) for name in ("image", "ground truth", "prediction + clicks")]
+    if width > 3 * column:  # the panel's width is not a multiple of 3: pad the last column's strip
+        columns[-1] = np.pad(columns[-1], ((0, 0), (0, width - 3 * column), (0, 0)), mode="edge")
+    heading = title if iou is None else f"{title}   IoU {iou:.3f}"
+    return np.concatenate([_title_strip(heading, width), np.concatenate(columns, axis=1), panel], axis=0)
+
+
 def stack_panels(panels: Sequence[np.ndarray], pad: int = 4, width: Optional[int] = None) -> np.ndarray:
     """Stack panels vertically into one image, all resized to one width.
 

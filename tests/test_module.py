@@ -145,7 +145,14 @@ def test_tensorboard_holds_training_diagnostics_validation_and_episode_pictures(
     expected = set(SCALARS)
     expected |= {f"{prefix}/{m}" for prefix in ("val", "val_centre", "val_random") for m in HEADLINE_METRICS[task]}
     assert expected <= scalars, f"missing: {sorted(expected - scalars)}"
-    assert "val/episodes" in images
+    # one picture per episode, at the step of the validation scalars logged with it
+    assert {"val/episode_0", "val/episode_1"} <= images
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    metric = HEADLINE_METRICS[task][0]
+    assert [e.step for e in events.Images("val/episode_0")] == [e.step for e in events.Scalars(f"val/{metric}")]
+    picture = events.Images("val/episode_0")[0]
+    assert picture.width >= 3 * 384  # enlarged: the 256 px scenes are drawn at 384 px or more per column
 
 
 # ---------------------------------------------------------------------------------------------

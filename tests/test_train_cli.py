@@ -13,9 +13,9 @@ from alignsam.cli import main
 from alignsam.metrics import HEADLINE_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
-# every training config (conf/scenes/matcher_tiny.yaml is a matcher's options, not a run)
+# every training config (conf/scenes/matcher_tiny.yaml is a matcher's options, conf/**/_*.yaml are bases)
 TASK_CONFIGS = sorted(p for p in [*ROOT.glob("conf/*.yaml"), *ROOT.glob("conf/scenes/*.yaml")]
-                      if "model" in (yaml.safe_load(p.read_text()) or {}))
+                      if not p.name.startswith("_") and "model" in (yaml.safe_load(p.read_text()) or {}))
 
 
 @pytest.fixture(autouse=True)

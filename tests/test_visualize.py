@@ -219,3 +219,25 @@ _DOT = _box(8, 8, 0, 0, 1, 1)
 def test_bad_inputs_raise_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_episode_picture_enlarges_small_images_and_titles_columns():
+    """A 64 px episode is drawn at 384 px per column (numbers of nearby clicks stay apart), with a
+    title strip carrying the IoU and a strip naming the columns; clicks scale with the image."""
+    from alignsam.visualize import EPISODE_MIN_SIDE, episode_picture, title_height
+
+    image = np.zeros((64, 48, 3), np.uint8)
+    gt = np.zeros((64, 48), bool)
+    gt[10:30, 10:30] = True
+    picture = episode_picture(image, gt, gt, np.array([[12.5, 12.5], [14.5, 12.5]]), np.array([1, 0]), "scene-1 (shadow)", 0.875)
+    factor = EPISODE_MIN_SIDE // 64
+    strips = title_height(3 * 48 * factor) + title_height(48 * factor)  # the title, then the column names
+    assert picture.shape == (strips + 64 * factor, 3 * 48 * factor, 3)
+    body = picture[strips:]
+    third = body[:, 2 * 48 * factor:]
+    # the first click's centre, scaled, has the positive colour in the prediction column
+    assert tuple(third[int(12.5 * factor), int(12.5 * factor)]) == POSITIVE_COLOUR
+    # an image already large enough is not enlarged
+    big = episode_picture(np.zeros((400, 300, 3), np.uint8), np.zeros((400, 300), bool), np.zeros((400, 300), bool),
+                          np.zeros((0, 2)), np.zeros(0, int), "x")
+    assert big.shape[1] == 900

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 
+from alignsam.config_files import load_config
 from alignsam.data.datamodule import BinaryMaskDataModule, VOCDataModule
 from fixture_trees import build_layout, build_voc
 
@@ -25,7 +25,7 @@ TASKS = {
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_config_data_section_builds_on_a_tree_in_its_layout(tmp_path, task):
     cls, preset, root = TASKS[task]
-    config = yaml.safe_load((CONF / f"{task}.yaml").read_text())
+    config = load_config(CONF / f"{task}.yaml")  # the task file over its bases (base_config)
     init_args = config["data"]["init_args"]
     assert init_args["root"] == root
     if preset is None:

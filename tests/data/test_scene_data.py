@@ -102,13 +102,12 @@ def test_scene_config_data_section_builds(task):
     from pathlib import Path
 
     import lightning as L
-    import yaml
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from omegaconf import OmegaConf
+    from alignsam.config_files import load_config
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "scenes" / f"{task}.yaml").read_text())
-    config = OmegaConf.to_container(OmegaConf.create(config), resolve=True)  # data.task: ${model.task}
+    # the task file over its bases, each file's ${model.task} resolved as the parser does
+    config = load_config(Path(__file__).resolve().parents[2] / "conf" / "scenes" / f"{task}.yaml")
     config["data"]["init_args"].update(train_pool=20, train_size=4, val_size=2, test_size=2)
     parser = LightningArgumentParser()
     parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
