@@ -52,21 +52,39 @@ class AlignSAMCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # the module owns its two optimizers
         super().__init__(AlignSAM, LightningDataModule, *args, subclass_mode_data=True, **kwargs)
 
+    @staticmethod
+    def subcommands() -> Dict[str, set]:
+        """``fit`` (implied by train.py) and ``validate``; scoring a checkpoint is evaluate.py's job."""
+        return {name: LightningCLI.subcommands()[name] for name in ("fit", "validate")}
+
     # splits whose features are cached before the loop of each subcommand
     PRECOMPUTE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("train", "test")}
 
-    def _instantiate_trainer(self, config: Dict, callbacks: list):
-        """Adds a rich progress bar unless the config has one or sets ``trainer.enable_progress_bar: false``,
-        and the feature precompute (:class:`PrecomputeFeatures`: every rank embeds its shard of the
-        splits, then all wait until the cache is full) unless ``--precompute false``."""
-        given = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
-            callbacks = list(callbacks) + [RichProgressBar()]
+    # Each manual_backward reaches only the policy or only the SRM, so DDP must not wait for the
+    # other's gradients: Lightning's own strategy names that say so.
+    FIND_UNUSED = {name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")}
+
+    def trainer_config(self) -> Dict:
+        """The instantiated ``trainer`` section of this subcommand's config."""
+        return dict((self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"])
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer of the config, plus: a rich progress bar unless the config has one or sets
+        ``trainer.enable_progress_bar: false``; the feature precompute (:class:`PrecomputeFeatures`:
+        every rank embeds its share of the splits, then all wait until the cache is full) unless
+        ``--precompute false``; DDP strategy names mapped to their ``find_unused_parameters`` form."""
+        config = {**self.trainer_config(), **kwargs}
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(RichProgressBar())
         options = self.config[self.subcommand] if self.subcommand else self.config
         if options.get("precompute", True) and self.subcommand in self.PRECOMPUTE_SPLITS:
-            callbacks = list(callbacks) + [PrecomputeFeatures(self.PRECOMPUTE_SPLITS[self.subcommand],
-                                                              encode_chunk=options.get("encode_chunk", 1))]
-        return super()._instantiate_trainer(config, callbacks)
+            callbacks.append(PrecomputeFeatures(self.PRECOMPUTE_SPLITS[self.subcommand],
+                                                encode_chunk=options.get("encode_chunk", 1)))
+        strategy = config.get("strategy")
+        if isinstance(strategy, str) and strategy in self.FIND_UNUSED:
+            kwargs["strategy"] = self.FIND_UNUSED[strategy]
+        return super().instantiate_trainer(**{**kwargs, "callbacks": callbacks})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_base_config_argument(parser)  # a config's base_config key (conf/<task>.yaml -> conf/_base.yaml)
@@ -167,6 +185,11 @@ class EvaluateCLI(AlignSAMCLI):
         kwargs.setdefault("save_config_callback", None)  # no logger, no run directory of its own
         super().__init__(*args, **kwargs)
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("epilog", "To run a trained agent on a folder of your own images: "
+                                    "evaluate.py predict --ckpt_path ... --images DIR --out DIR (evaluate.py predict --help).")
+        return super().init_parser(**kwargs)
+
     @staticmethod
     def subcommands() -> Dict[str, set]:
         """Only ``test``: folders of new images go through ``evaluate.py predict`` (our own parser)."""
@@ -192,12 +215,11 @@ class EvaluateCLI(AlignSAMCLI):
         check_config_matches_checkpoint(options.as_dict(), self.checkpoint.get("hyper_parameters", {}),
                                         ", ".join(config_files) or "(none)", options["ckpt_path"])
 
-    def _instantiate_trainer(self, config: Dict, callbacks: list):
+    def instantiate_trainer(self, **kwargs):
         # the tables and events go next to the checkpoint's run; evaluation writes no checkpoints
         # (the run's own config.yaml names its ModelCheckpoint, which would point at ./checkpoints)
-        kept = [c for c in (config.get("callbacks") or []) if not isinstance(c, ModelCheckpoint)]
-        config = dict(config, logger=False, enable_checkpointing=False, callbacks=kept)
-        return super()._instantiate_trainer(config, callbacks)
+        kept = [c for c in (self.trainer_config().get("callbacks") or []) if not isinstance(c, ModelCheckpoint)]
+        return super().instantiate_trainer(logger=False, enable_checkpointing=False, callbacks=kept, **kwargs)
 
     def before_test(self) -> None:
         from alignsam.evaluation.predict import PredictionSaver

@@ -266,13 +266,9 @@ class AlignSAM(L.LightningModule):
                                       title=f"{batch[i]['id']} ({batch[i].get('text', '')})", iou=ious[i])
             self.logger.experiment.add_image(f"val/episode_{i}", picture, step, dataformats="HWC")
 
-    # -- DDP ---------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
-
-        # Each manual_backward reaches only the policy or only the SRM, so DDP must not wait for the others.
-        if isinstance(self.trainer.strategy, DDPStrategy):
-            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+    # DDP: each manual_backward reaches only the policy or only the SRM, so DDP must not wait for
+    # the other's gradients: run it with find_unused_parameters (train.py maps --trainer.strategy=ddp
+    # to Lightning's "ddp_find_unused_parameters_true"; with a Trainer of your own, pass that name).
 
     # -- checkpoints: the sampler state makes a resumed run identical to an uninterrupted one -------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

@@ -218,7 +218,7 @@ def test_two_process_cpu_ddp_fit_finishes_with_ranks_in_step(tmp_path):
     model = tiny_model("saliency", tmp_path / "cache")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     logger = TensorBoardLogger(str(tmp_path / "logs"), name="ddp")
-    trainer = tiny_trainer(1, tmp_path, logger=logger, devices=2, strategy="ddp_spawn",
+    trainer = tiny_trainer(1, tmp_path, logger=logger, devices=2, strategy="ddp_spawn_find_unused_parameters_true",
                            callbacks=[ModelCheckpoint(save_last=True), SaveRankWeights(str(tmp_path))])
     trainer.fit(model, tiny_data("saliency", batch_size=2))
     assert trainer.state.finished

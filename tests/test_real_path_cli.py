@@ -227,3 +227,13 @@ def test_runpy_train_py_without_args_is_one_line(monkeypatch, capsys):
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
     assert failure.value.code == 2
     assert "no config given" in capsys.readouterr().err
+
+
+def test_train_py_help_is_fits_and_other_subcommands_are_pointed_to_evaluate_py():
+    helped = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--trainer.max_epochs" in helped.stdout  # fit's own options
+    assert "{fit,validate,test,predict}" not in helped.stdout
+    wrong = subprocess.run([sys.executable, str(ROOT / "train.py"), "predict"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "evaluate.py predict" in wrong.stderr
+    ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0 and "evaluate.py predict" in ev.stdout
