@@ -433,3 +433,18 @@ def test_checkpoint_errors(sam2_t, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit SAM 2 'sam2.1_hiera_t'"):
         build_segmenter("sam2.1_hiera_t", str(other))
     assert build_segmenter("sam2_hiera_t", str(other)).name == "sam2_hiera_t"
+
+
+# -- benchmarks/decode.py ----------------------------------------------------------------------------
+def test_decode_benchmark_runs_sam2(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
+    spec = importlib.util.spec_from_file_location("decode_benchmark_sam2", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = benchmark.main(["--models", "sam2.1_hiera_t", "--batch-sizes", "2", "--clicks", "2",
+                           "--repeats", "1", "--warmup", "0"])
+    assert [row["B"] for row in rows] == [2] and all(rows[0][k] > 0 for k in ("predictor", "per_image", "batched"))
+    assert "| sam2.1_hiera_t (random weights) | 2 | 2 |" in capsys.readouterr().out
