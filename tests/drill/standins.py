@@ -121,6 +121,32 @@ def standin_checkpoints(directory: Path) -> Dict[str, Path]:
     return {"sam": sam, "clip": clip}
 
 
+SAM2_1_HIERA_T_NAME = "sam2.1_hiera_tiny.pt"
+SAM2_1_HIERA_T_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+
+
+def build_sam2_1_hiera_t(path: Path, seed: int = 0) -> Path:
+    """Write SAM 2.1 Hiera-T with random weights as Meta's ``sam2.1_hiera_tiny.pt`` (``{"model":
+    state dict}``, ~156 MB), from the sam2 package's own config and builder (needs the sam2 extra)."""
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(seed)
+    model = build_sam2(SAM2_1_HIERA_T_CONFIG, ckpt_path=None, device="cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"model": model.state_dict()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def sam2_standin_checkpoint(directory: Path) -> Path:
+    """``.../sam2.1_hiera_tiny.pt`` in ``directory`` (or ``ALIGNSAM_DRILL_STANDINS``), built when missing."""
+    path = Path(os.environ.get("ALIGNSAM_DRILL_STANDINS") or directory) / SAM2_1_HIERA_T_NAME
+    if not path.is_file():
+        build_sam2_1_hiera_t(path)
+    return path
+
+
 # -- stand-in datasets: tiny trees in the real layouts, with the real datasets' quirks -------------
 HW = (72, 96)           # (h, w) of the landscape images
 PORTRAIT_HW = (96, 72)  # one image per evaluation split is portrait, as in every real dataset
