@@ -172,7 +172,7 @@ class Sam2Segmenter(Segmenter):
         for image in images:
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-            pixels = TF.to_tensor(image)
+            pixels = TF.to_tensor(image if image.flags.writeable else image.copy())  # torch warns on read-only arrays
             pixels = TF.resize(pixels, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
             batch.append(TF.normalize(pixels, list(SAM2_PIXEL_MEAN), list(SAM2_PIXEL_STD)))
             original.append(image.shape[:2])
