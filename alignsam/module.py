@@ -191,12 +191,12 @@ class AlignSAM(L.LightningModule):
         self._evaluator = Evaluator(self.agent, strategies, seed=self.hparams.seed + 1)
 
     def on_test_epoch_start(self) -> None:
-        from alignsam.evaluation.strategies import NEEDS_PROTOTYPES, check_strategies, default_strategies
+        from alignsam.evaluation.strategies import STRATEGIES, check_strategies, default_strategies
 
         has_matcher = self.agent.matcher is not None
         names = check_strategies(self.test_strategies or default_strategies(has_matcher), has_matcher)
         train = None
-        if any(n in NEEDS_PROTOTYPES for n in names):
+        if any(STRATEGIES[n].needs_prototypes for n in names):
             datamodule = getattr(self.trainer, "datamodule", None)
             train = getattr(datamodule, "train_dataset", None)
         self._evaluator = Evaluator(self.agent, names, seed=self.hparams.seed + 1, oracle_clicks=self.oracle_clicks,

@@ -20,7 +20,7 @@ import torch
 
 from alignsam.evaluation.scoring import StrategyScores, original_logits
 from alignsam.foundation.segmenter import EmbeddedImages
-from alignsam.evaluation.strategies import NEEDS_PROTOTYPES, RUNNERS, BatchContext, Outcome, persam_prototypes
+from alignsam.evaluation.strategies import STRATEGIES, BatchContext, Outcome, persam_prototypes
 from alignsam.metrics.tasks import SEMANTIC_TASKS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +53,7 @@ class Evaluator:
         self.oracle_clicks = oracle_clicks
         self.on_agent = on_agent
         self.prototypes = None
-        if any(n in NEEDS_PROTOTYPES for n in self.strategies):
+        if any(STRATEGIES[n].needs_prototypes for n in self.strategies):
             self.prototypes = persam_prototypes(agent, train_samples) if train_samples else {}
         self.scores = StrategyScores(self.strategies, agent.new_metrics, agent.task in SEMANTIC_TASKS,
                                      agent.device)
@@ -68,7 +68,7 @@ class Evaluator:
         ctx = BatchContext(self.agent, batch, episodes, embedded, self.generator, self.oracle_clicks, self.prototypes)
         outcomes = {}
         for name in self.strategies:
-            outcome = RUNNERS[name](ctx)
+            outcome = STRATEGIES[name].run(ctx)
             logits = original_logits(self.agent.segmenter, outcome.logits, embedded)
             self.scores.add(name, batch, logits, ctx.gts, outcome.unscored)
             if outcome.curve is not None:

@@ -52,23 +52,6 @@ from alignsam.rl.env import Episodes
 if TYPE_CHECKING:  # pragma: no cover
     from alignsam.agent import Agent
 
-LABELS = {
-    "agent": "AlignSAM agent",
-    "centre": "centre click",
-    "random": "T random clicks",
-    "grid_srm": "grid + SRM labels",
-    "no_rl": "w/o RL (SRM points)",
-    "no_srm": "w/o SRM (all positive)",
-    "single_step": "single step (T = 1)",
-    "clip_surgery": "CLIP Surgery points",
-    "persam": "PerSAM-style",
-    "oracle": "oracle clicks",
-}
-STRATEGIES = tuple(LABELS)
-NEEDS_MATCHER = frozenset({"clip_surgery"})
-NEEDS_PROTOTYPES = frozenset({"persam"})
-
-
 @dataclass
 class Outcome:
     """What one strategy produced on B episodes.
@@ -253,29 +236,55 @@ def oracle(ctx: BatchContext) -> Outcome:
     return at_budget
 
 
-RUNNERS: Dict[str, Callable[[BatchContext], Outcome]] = {
-    "agent": agent, "centre": centre, "random": random, "grid_srm": grid_srm, "no_rl": no_rl,
-    "no_srm": no_srm, "single_step": single_step, "clip_surgery": clip_surgery, "persam": persam,
-    "oracle": oracle,
-}
+@dataclass(frozen=True)
+class Strategy:
+    """One named strategy: its table label, what produces its outcome, and what it needs
+    (``needs_matcher``: the CLIP Surgery text matcher of an explicit config; ``needs_prototypes``:
+    the few-shot training split, for PerSAM's prototypes)."""
+
+    name: str
+    label: str
+    run: Callable[[BatchContext], Outcome]
+    needs_matcher: bool = False
+    needs_prototypes: bool = False
+
+
+# Every strategy, in table order (the agent first).
+STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (
+    Strategy("agent", "AlignSAM agent", agent),
+    Strategy("centre", "centre click", centre),
+    Strategy("random", "T random clicks", random),
+    Strategy("grid_srm", "grid + SRM labels", grid_srm),
+    Strategy("no_rl", "w/o RL (SRM points)", no_rl),
+    Strategy("no_srm", "w/o SRM (all positive)", no_srm),
+    Strategy("single_step", "single step (T = 1)", single_step),
+    Strategy("clip_surgery", "CLIP Surgery points", clip_surgery, needs_matcher=True),
+    Strategy("persam", "PerSAM-style", persam, needs_prototypes=True),
+    Strategy("oracle", "oracle clicks", oracle),
+)}
+
+
+def label_of(name: str) -> str:
+    """A strategy's readable label (the name itself for an unknown one)."""
+    return STRATEGIES[name].label if name in STRATEGIES else name
 
 
 def check_strategies(names: Sequence[str], has_matcher: bool) -> List[str]:
     """Validate a strategy list (errors name ``--strategies``): known names, ``agent`` among them,
     and ``clip_surgery`` only with a text matcher."""
-    unknown = [n for n in names if n not in RUNNERS]
+    unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise ValueError(f"--strategies: unknown {unknown}; choose from {list(STRATEGIES)}")
     if "agent" not in names:
         raise ValueError("--strategies must include 'agent'")
-    if not has_matcher and any(n in NEEDS_MATCHER for n in names):
+    if not has_matcher and any(STRATEGIES[n].needs_matcher for n in names):
         raise ValueError("--strategies: clip_surgery needs a text matcher (an explicit config with model.matcher)")
     return list(names)
 
 
 def default_strategies(has_matcher: bool) -> List[str]:
     """Every strategy that applies (CLIP Surgery points only where the config has a matcher)."""
-    return [n for n in STRATEGIES if has_matcher or n not in NEEDS_MATCHER]
+    return [n for n, s in STRATEGIES.items() if has_matcher or not s.needs_matcher]
 
 
 @torch.no_grad()

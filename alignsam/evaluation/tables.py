@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from alignsam.atomic import write_text_atomic
-from alignsam.evaluation.strategies import LABELS
+from alignsam.evaluation.strategies import label_of
 from alignsam.metrics import HEADLINE_METRICS
 
 Table = Dict[str, Dict[str, float]]
@@ -70,7 +70,7 @@ def to_markdown(table: Table, names: List[str]) -> str:
     names = [k for k in names if k not in _MARKDOWN_HIDDEN and not _UNSCORED.match(k)]
     lines = ["| strategy | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for strategy, row in table.items():
-        label = LABELS.get(strategy, strategy)
+        label = label_of(strategy)
         lines.append(f"| {label} | " + " | ".join(_markdown_cell(row, k) for k in names) + " |")
     return "\n".join(lines)
 
@@ -104,7 +104,7 @@ def coverage_notes(table: Table, task: str) -> List[str]:
         else:
             cover = f"its metrics cover the {scored} it scored; the other rows cover all {total}"
         which = "" if set(unscored) == {0} else f", {classes}"  # the binary tasks have one class, 0
-        notes.append(f"* {LABELS.get(strategy, strategy)}: {total - scored} of {total} episodes not "
+        notes.append(f"* {label_of(strategy)}: {total - scored} of {total} episodes not "
                      f"scored{which}; {cover}.")
     return notes
 
@@ -115,7 +115,7 @@ def to_csv(table: Table, names: List[str]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["strategy", "label"] + names)
     for strategy, row in table.items():
-        writer.writerow([strategy, LABELS.get(strategy, strategy)] + [repr(row[k]) if k in row else "" for k in names])
+        writer.writerow([strategy, label_of(strategy)] + [repr(row[k]) if k in row else "" for k in names])
     return buffer.getvalue()
 
 

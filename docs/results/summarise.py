@@ -19,7 +19,7 @@ from alignsam.metrics import HEADLINE_METRICS, LOWER_IS_BETTER
 TASKS = ("shadow", "glass", "categories", "saliency", "blur")
 CONTENDERS = ("agent", "no_rl", "single_step")  # the paper's ablation claim: the agent beats the other two
 # README order: the agent and its ablations, the training-free strategies, the oracle; short heads
-# for the wide table (evaluate.py's own labels, strategies.LABELS, are longer).
+# for the wide table (evaluate.py's own labels, strategies.STRATEGIES[...].label, are longer).
 HEADS = {"agent": "agent", "no_rl": "w/o RL (SRM points)", "single_step": "single step", "no_srm": "w/o SRM",
          "grid_srm": "grid + SRM", "clip_surgery": "CLIP Surgery pts", "persam": "PerSAM-style", "centre": "centre",
          "random": "random", "oracle": "oracle (T clicks)"}

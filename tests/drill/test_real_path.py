@@ -165,7 +165,7 @@ def test_standins_load_like_the_official_files(standins):
 # -- every task config, end to end -------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(TASKS))
 def test_real_config_trains_evaluates_and_predicts(name, standins, drill_device, tmp_path):
-    from alignsam.evaluation.strategies import LABELS, default_strategies
+    from alignsam.evaluation.strategies import default_strategies, label_of
 
     task = TASKS[name]
     data_root, cache, logs = tmp_path / "data", tmp_path / "cache", tmp_path / "logs"
@@ -238,7 +238,7 @@ def test_real_config_trains_evaluates_and_predicts(name, standins, drill_device,
         expected = default_strategies(has_matcher=task.matcher)
         check(task, "evaluate", rows == expected, f"test.csv rows {rows}, expected one per strategy {expected}")
         markdown = (results / "test.md").read_text()
-        missing = [s for s in expected if f"| {LABELS[s]} |" not in markdown]
+        missing = [s for s in expected if f"| {label_of(s)} |" not in markdown]
         check(task, "evaluate", not missing, f"test.md has no row for {missing}")
         n_eval = len(splits[task.eval_split])
         embeddings = feat_files(cache, "sam_embedding")

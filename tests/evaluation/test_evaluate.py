@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alignsam.cli import evaluate_main
-from alignsam.evaluation.strategies import RUNNERS, BatchContext, default_strategies
+from alignsam.evaluation.strategies import STRATEGIES, BatchContext, default_strategies
 from alignsam.geometry import sam_to_original_points
 from alignsam.metrics import HEADLINE_METRICS
 
@@ -143,7 +143,7 @@ def context(trained):
 
 
 def test_ablations_change_only_what_they_name(context):
-    agent, no_srm, single = (RUNNERS[n](context()) for n in ("agent", "no_srm", "single_step"))
+    agent, no_srm, single = (STRATEGIES[n].run(context()) for n in ("agent", "no_srm", "single_step"))
     assert agent.points.shape[1] == 2 + 2 and single.points.shape[1] == 2 + 1  # seeds + T clicks / 1 click
     assert torch.equal(no_srm.labels[:, 2:], torch.ones_like(no_srm.labels[:, 2:]))
     assert torch.equal(no_srm.labels[:, :2], agent.labels[:, :2])  # the same seed prompts
@@ -154,28 +154,28 @@ def test_srm_point_baselines_keep_the_seeds_and_rank_the_srm_map(context):
     ctx = context()
     seeds, seed_labels = ctx.seed_prompts()
     for name in ("no_rl", "grid_srm"):
-        outcome = RUNNERS[name](ctx)
+        outcome = STRATEGIES[name].run(ctx)
         assert outcome.points.shape[1] == 2 + ctx.steps
         assert torch.equal(outcome.points[:, :2], seeds) and torch.equal(outcome.labels[:, :2], seed_labels)
-    no_rl = RUNNERS["no_rl"](ctx)
+    no_rl = STRATEGIES["no_rl"].run(ctx)
     assert no_rl.labels[:, 2:].tolist() == [[1, 0]] * 4  # ceil(T/2) positive, floor(T/2) negative
 
 
 def test_oracle_clicks_start_inside_the_target_and_random_clicks_repeat_with_the_seed(context):
     ctx = context()
-    oracle = RUNNERS["oracle"](ctx)
+    oracle = STRATEGIES["oracle"].run(ctx)
     assert oracle.points.shape[1] == ctx.steps  # the outcome is the one at the agent's budget
     assert oracle.curve.ious.shape == (3, 4)
     first = sam_to_original_points(oracle.points[:, :1], ctx.embedded.original_hw, ctx.agent.segmenter.img_size)
     for gt, (x, y), label in zip(ctx.gts, first[:, 0].tolist(), oracle.labels[:, 0].tolist()):
         assert label == 1 and gt[int(y), int(x)], "the first oracle click is a positive one on the target"
-    a, b = RUNNERS["random"](context()), RUNNERS["random"](context())
+    a, b = STRATEGIES["random"].run(context()), STRATEGIES["random"].run(context())
     assert torch.equal(a.points, b.points)
 
 
 def test_persam_clicks_the_cell_most_like_the_few_shot_target(context):
     ctx = context()
-    outcome = RUNNERS["persam"](ctx)
+    outcome = STRATEGIES["persam"].run(ctx)
     assert outcome.labels.tolist() == [[1, 0]] * 4
     assert set(ctx.prototypes) == ({0} if ctx.agent.task == "saliency" else set(ctx.prototypes))
 

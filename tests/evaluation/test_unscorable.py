@@ -18,7 +18,7 @@ from torchmetrics import MetricCollection
 
 from alignsam.evaluation.evaluator import Evaluator
 from alignsam.evaluation.scoring import ClickCurve, StrategyScores
-from alignsam.evaluation.strategies import RUNNERS, BatchContext, default_strategies, persam_prototypes
+from alignsam.evaluation.strategies import STRATEGIES, BatchContext, default_strategies, persam_prototypes
 from alignsam.evaluation.tables import columns, coverage_notes, to_csv, to_markdown, write_tables
 from alignsam.metrics import HEADLINE_METRICS
 from alignsam.metrics.semantic import SemanticMeanIoU
@@ -115,7 +115,7 @@ def test_the_persam_runner_marks_the_episodes_of_a_class_without_prototype(categ
     episodes, embedded = model.agent.prepare(batch)
     ctx = BatchContext(model.agent, batch, episodes, embedded, torch.Generator().manual_seed(0),
                        prototypes=persam_prototypes(model.agent, train))
-    outcome = RUNNERS["persam"](ctx)
+    outcome = STRATEGIES["persam"].run(ctx)
     assert outcome.unscored.tolist() == [s["class_id"] == missing for s in batch]
     assert "few-shot" in outcome.unscored_reason
     assert outcome.logits.shape[0] == len(batch) and torch.isfinite(outcome.logits).all()
