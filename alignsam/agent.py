@@ -33,6 +33,7 @@ from alignsam.rl.env import EnvConfig, Episodes, PromptingEnv, make_episodes
 from alignsam.rl.ppo import PPOConfig
 from alignsam.rl.policy import ActorCritic, PolicyConfig
 from alignsam.srm import SemanticRecalibration, SRMConfig
+from alignsam.tasks import task_record
 
 
 @dataclass
@@ -125,10 +126,8 @@ class Agent(nn.Module):
         explicit = policy.variant == "explicit" or srm.branch == "explicit"
         if explicit and matcher is None:
             raise ValueError("model.matcher is required when model.policy.variant or model.srm.branch is 'explicit'")
-        if num_classes is None and task == "categories":
-            from alignsam.data.scenes import CATEGORY_NAMES
-
-            num_classes = 1 + len(CATEGORY_NAMES)
+        if num_classes is None:
+            num_classes = task_record(task).num_classes  # an unknown task fails here, naming model.task
         self.task, self.num_classes, self.seed = task, num_classes, seed
         self.new_metrics()  # fails here, before any model is built, on an unknown task
         self.segmenter_config, self.env_config, self.policy_config = segmenter, env, policy

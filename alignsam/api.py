@@ -76,14 +76,14 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
 
 def default_text(task: str, text: Optional[str]) -> str:
     """The episode text: ``text``, else the task's own word (binary tasks only)."""
-    from alignsam.data.scenes import TASK_TEXT
-    from alignsam.metrics.tasks import SEMANTIC_TASKS
+    from alignsam.tasks import task_record
 
     if text:
         return text
-    if task in SEMANTIC_TASKS:
+    record = task_record(task)
+    if record.semantic:
         raise PredictionInputError(f"a text is required for the {task} task: the class to segment (--text cat on the command line, text='cat' in Python)")
-    return TASK_TEXT.get(task, task)
+    return record.default_text or task
 
 
 class AlignSAMPredictor:

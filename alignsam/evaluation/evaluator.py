@@ -21,7 +21,7 @@ import torch
 from alignsam.evaluation.scoring import StrategyScores, original_logits
 from alignsam.foundation.segmenter import EmbeddedImages
 from alignsam.evaluation.strategies import STRATEGIES, BatchContext, Outcome, persam_prototypes
-from alignsam.metrics.tasks import SEMANTIC_TASKS
+from alignsam.tasks import task_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from alignsam.agent import Agent
@@ -55,7 +55,7 @@ class Evaluator:
         self.prototypes = None
         if any(STRATEGIES[n].needs_prototypes for n in self.strategies):
             self.prototypes = persam_prototypes(agent, train_samples) if train_samples else {}
-        self.scores = StrategyScores(self.strategies, agent.new_metrics, agent.task in SEMANTIC_TASKS,
+        self.scores = StrategyScores(self.strategies, agent.new_metrics, task_record(agent.task).semantic,
                                      agent.device)
         # strategy -> (reason, class id -> episode text) of its unscored episodes, for one warning
         self._unscored: Dict[str, Tuple[str, Dict[int, str]]] = {}

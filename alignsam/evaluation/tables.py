@@ -77,12 +77,9 @@ def to_markdown(table: Table, names: List[str]) -> str:
 
 def _class_name(task: str, class_id: int) -> Optional[str]:
     """The readable name of a semantic task's class id (None for the binary tasks)."""
-    if task == "voc":
-        from alignsam.data.voc import VOC_CLASS_TEXTS as names
-    elif task == "categories":
-        from alignsam.data.scenes import CATEGORY_NAMES as names
-    else:
-        return None
+    from alignsam.tasks import TASKS
+
+    names = TASKS[task].class_names if task in TASKS else ()
     return names[class_id - 1] if 1 <= class_id <= len(names) else None
 
 

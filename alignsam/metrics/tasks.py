@@ -11,6 +11,7 @@ from typing import Optional
 
 from torchmetrics import MetricCollection
 
+from alignsam.tasks import LOWER_IS_BETTER, TASKS  # noqa: F401  (LOWER_IS_BETTER re-exported)
 from alignsam.metrics.binary import BalancedErrorRate, FgBgMeanIoU, ForegroundIoU
 from alignsam.metrics.saliency import (
     BLUR_ADAPTIVE_THRESHOLD_SCALE,
@@ -22,22 +23,10 @@ from alignsam.metrics.saliency import (
 )
 from alignsam.metrics.semantic import VOC_IGNORE_INDEX, VOC_NUM_CLASSES, SemanticMeanIoU
 
-BINARY_TASKS = ("blur", "shadow", "glass", "saliency")
-SEMANTIC_TASKS = ("voc", "categories")
-
-# What each paper's table reports (the binary tasks' "mIoU" is taken as ``miou_fgbg``, the
-# semantic-segmentation convention; the per-image ``iou_fg`` is always computed next to it).
-HEADLINE_METRICS: dict[str, list[str]] = {
-    "blur": ["miou_fgbg", "fbeta_max"],
-    "shadow": ["miou_fgbg", "ber"],
-    "glass": ["miou_fgbg", "fbeta_max"],
-    "saliency": ["emeasure_mean", "mae"],
-    "voc": ["voc_miou"],
-    "categories": ["categories_miou"],
-}
-
-# Everything else is higher-is-better (useful for a checkpoint callback's ``mode``).
-LOWER_IS_BETTER = frozenset({"mae", "ber", "ber_shadow", "ber_nonshadow"})
+# Views of the task records (alignsam/tasks.py), for the metric code and its users.
+BINARY_TASKS = tuple(name for name, task in TASKS.items() if not task.semantic)
+SEMANTIC_TASKS = tuple(name for name, task in TASKS.items() if task.semantic)
+HEADLINE_METRICS: dict[str, list[str]] = {name: list(task.headline) for name, task in TASKS.items()}
 
 
 def binary_metrics(minmax_normalize: bool = False, validate_args: bool = True) -> dict:
