@@ -239,7 +239,9 @@ class EvaluateCLI(AlignSAMCLI):
             model.prediction_hook = PredictionSaver(options["save_predictions"], model.agent.segmenter)
 
     def after_test(self) -> None:
-        from alignsam.evaluation.tables import write_tables
+        from rich.console import Console
+
+        from alignsam.evaluation.tables import compact_table, coverage_notes, write_tables
 
         model, options = self.model, self.config[self.subcommand]
         if not self.trainer.is_global_zero or not model.test_table:
@@ -251,17 +253,22 @@ class EvaluateCLI(AlignSAMCLI):
         out_dir = Path(options.get("results_dir") or default_dir)
         env = model.agent.env_config
         seeds = "the SRM's 2 seed prompts + " if env.init_prompts == "srm" else ""
-        header = (f"# {model.hparams.task}: {split} split, checkpoint {ckpt}\n\n"
+        header = (f"# {model.hparams.task}: {split} split, checkpoint {display_path(ckpt)}\n\n"
                   f"T = {env.steps} clicks ({seeds}T for the agent), grid {env.grid}x{env.grid}, "
                   f"oracle {model.oracle_clicks} clicks. Metrics at original resolution; "
                   f"iou@k = mean per-episode IoU after k clicks; NoC counts every prompt SAM received. "
                   f"Strategies: alignsam/evaluation/strategies.py.")
         md, csv_path = write_tables(out_dir, "test", model.test_table, model.hparams.task, env.steps, header)
         self._log_to_tensorboard(out_dir, md.read_text())
-        print("\n" + md.read_text())
-        print(f"written: {md}, {csv_path}")
+        task = model.hparams.task
+        console = Console(width=max(100, Console().width))
+        console.print(compact_table(model.test_table, task, f"{task}, {split} split, T = {env.steps} clicks ({seeds}T)"))
+        for note in coverage_notes(model.test_table, task):
+            console.print(note, markup=False)
+        print(f"every metric and click: {md}, {csv_path}")
         if model.prediction_hook is not None:
-            print(f"predictions: {model.prediction_hook.written} episode(s) in {options['save_predictions']}")
+            print(f"predictions: {model.prediction_hook.written} episode(s) in {options['save_predictions']} "
+                  f"(per episode: {model.prediction_hook.episodes_csv})")
 
     def _log_to_tensorboard(self, out_dir: Path, markdown: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -271,6 +278,15 @@ class EvaluateCLI(AlignSAMCLI):
             for strategy, row in self.model.test_table.items():
                 for column, value in row.items():
                     writer.add_scalar(f"test_{strategy}/{column}", value, 0)
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (tables written into the
+    repository then carry no machine's absolute paths), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def with_run_config(argv: List[str]) -> List[str]:

@@ -38,26 +38,56 @@ def _clicks_in_original_frame(points, labels, embedded, segmenter):
 
 
 class PredictionSaver:
-    """The evaluator's hook for the agent's predictions on a dataset split (``--save_predictions``)."""
+    """The evaluator's hook for the agent's predictions on a dataset split (``--save_predictions``).
+
+    Besides the PNGs it keeps one row per episode for ``DIR/episodes.csv``: the episode id, its
+    text, the IoU after each click (``iou@0`` = after the seed prompts) and every click as
+    ``x y label`` in the original frame, separated by ``;``.
+    """
 
     def __init__(self, out_dir: str, segmenter) -> None:
         self.out_dir = Path(out_dir)
         self.segmenter = segmenter
         self.written = 0
+        self.episodes_csv = self.out_dir / "episodes.csv"
+        self._rows: List[List[str]] = []
+        self._clicks = 0
         self._images: Dict[str, object] = {}  # image_id -> image, for the semantic tasks' label maps
 
     def __call__(self, batch: List[Dict], embedded, outcome, logits: List[torch.Tensor]) -> None:
         points, labels = _clicks_in_original_frame(outcome.points, outcome.labels, embedded, self.segmenter)
+        ious = outcome.curve.ious.cpu().numpy() if outcome.curve is not None else None  # (R, B)
         for i, sample in enumerate(batch):
             keep = labels[i] >= 0
             save_binary_prediction(self.out_dir, safe_stem(sample["id"]), sample["image"], logits[i].cpu(),
                                    points[i][keep], labels[i][keep])
             self.written += 1
+            clicks = "; ".join(f"{x:.1f} {y:.1f} {int(l)}" for (x, y), l in zip(points[i][keep], labels[i][keep]))
+            curve = [] if ious is None else [f"{v:.6f}" for v in ious[:, i]]
+            self._clicks = max(self._clicks, len(curve))
+            self._rows.append([str(sample["id"]), str(sample.get("text", "")), *curve, clicks])
             if "label_map" in sample:
                 self._images.setdefault(str(sample["image_id"]), sample["image"])
 
+    def write_episodes_csv(self) -> Path:
+        """``episodes.csv``: id, text, iou@0..iou@T, clicks (atomic write)."""
+        import csv
+        import io
+
+        from alignsam.atomic import write_text_atomic
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["id", "text", *[f"iou@{k}" for k in range(self._clicks)], "clicks (x y label; ...)"])
+        for row in self._rows:
+            *head, clicks = row
+            writer.writerow(head + [""] * (2 + self._clicks - len(head)) + [clicks])
+        return write_text_atomic(self.episodes_csv, buffer.getvalue())
+
     def finish(self, evaluator) -> None:
-        """Label maps of the semantic tasks, assembled over all of an image's episodes."""
+        """The per-episode CSV, and the semantic tasks' label maps assembled over all of an image's
+        episodes."""
+        self.write_episodes_csv()
         if not evaluator.scores.semantic:
             return
         assembler = evaluator.scores.assemblers["agent"]

@@ -125,3 +125,42 @@ def write_tables(directory: Path, stem: str, table: Table, task: str, steps: int
     md = write_text_atomic(Path(directory) / f"{stem}.md", markdown)
     csv_path = write_text_atomic(Path(directory) / f"{stem}.csv", to_csv(table, columns(table, task)))
     return md, csv_path
+
+
+def compact_columns(table: Table, task: str) -> List[str]:
+    """The terminal's columns: the task's headline metrics, the further ones it shows
+    (:attr:`alignsam.tasks.Task.shown`), coverage when some strategy skipped episodes, then NoC@85."""
+    from alignsam.tasks import task_record
+
+    record = task_record(task)
+    seen = {k for row in table.values() for k in row}
+    wanted = list(record.headline) + list(record.shown) + ["episodes", "noc@85"]
+    return [k for k in wanted if k in seen]
+
+
+def compact_table(table: Table, task: str, title: str = ""):
+    """A ``rich.table.Table`` of the task's own metrics, headline first (arrows say which way is
+    better), coverage ``scored/total`` where it applies, and ``NoC@85 (fail %)``; the full table
+    is in the Markdown and CSV files."""
+    from rich.table import Table as RichTable
+
+    from alignsam.tasks import LOWER_IS_BETTER
+
+    names = compact_columns(table, task)
+    out = RichTable(title=title or None, title_justify="left")
+    out.add_column("strategy")
+    for name in names:
+        header = {"noc@85": "NoC@85 (fail)", "episodes": "episodes"}.get(name, name)
+        if name not in ("noc@85", "episodes"):
+            header += " ↓" if name in LOWER_IS_BETTER else " ↑"
+        out.add_column(header, justify="right")
+    for strategy, row in table.items():
+        cells = []
+        for name in names:
+            if name == "noc@85" and "noc@85" in row:
+                cells.append(f"{row['noc@85']:.2f} ({100 * row.get('fail@85', 0.0):.0f}%)")
+            else:
+                cells.append(_markdown_cell(row, name))
+        out.add_row(label_of(strategy), *cells)
+    return out
+

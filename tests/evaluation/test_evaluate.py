@@ -6,7 +6,9 @@ numbers of an agent trained for one epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from alignsam.cli import evaluate_main
+from alignsam.tasks import TASKS
 from alignsam.evaluation.strategies import STRATEGIES, BatchContext, default_strategies
 from alignsam.geometry import sam_to_original_points
 from alignsam.metrics import HEADLINE_METRICS
@@ -53,12 +56,51 @@ def run_evaluate(task: str, ckpt: Path, *extra: str) -> None:
     ])
 
 
+PRINTED = {}  # what evaluate.py printed, per task
+
+
 @pytest.fixture(scope="module")
 def evaluated(trained, tmp_path_factory):
     task, _, ckpt = trained
     predictions = tmp_path_factory.mktemp(f"pred-{task}")
-    run_evaluate(task, ckpt, "--save_predictions", str(predictions))
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        run_evaluate(task, ckpt, "--save_predictions", str(predictions))
+    PRINTED[task] = buffer.getvalue()
     return task, ckpt.parent.parent / "evaluation", predictions
+
+
+def test_the_terminal_shows_the_tasks_own_metrics_headline_first(evaluated):
+    """A compact table: the task's headline metrics first, its other own metrics, NoC@85 with the
+    failure share; no metric of another task (saliency shows no BER); the full table is on disk."""
+    task, directory, _ = evaluated
+    printed = PRINTED[task]
+    header = next(line for line in printed.splitlines() if "strategy" in line)
+    shown = TASKS[task].headline + TASKS[task].shown
+    positions = [header.index(m) for m in shown if m in header]
+    assert positions == sorted(positions) and TASKS[task].headline[0] in header
+    assert "ber_shadow" not in printed and "iou@1" not in header
+    assert "AlignSAM agent" in printed and "oracle clicks" in printed
+    if task == "saliency":
+        assert "NoC@85 (fail)" in header and "%)" in printed
+    assert f"every metric and click: {directory / 'test.md'}" in printed
+
+
+def test_the_per_episode_csv_has_each_episodes_clicks_and_iou_curve(evaluated):
+    task, directory, predictions = evaluated
+    with open(predictions / "episodes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list((predictions / "masks").glob("*.png")))
+    first = rows[0]
+    steps = 2  # tiny_model's T
+    assert [k for k in first if k.startswith("iou@")] == [f"iou@{k}" for k in range(steps + 1)]
+    clicks = first["clicks (x y label; ...)"].split("; ")
+    assert len(clicks) == 2 + steps  # the SRM's two seed prompts, then T clicks
+    x, y, label = clicks[0].split()
+    assert 0 <= float(x) < 256 and 0 <= float(y) < 256 and label in ("0", "1")
+    agent_curve = read_csv(directory / "test.csv")["agent"]
+    mean_last = np.mean([float(r[f"iou@{steps}"]) for r in rows])
+    assert mean_last == pytest.approx(float(agent_curve[f"iou@{steps}"]), abs=1e-5)
 
 
 def read_csv(path: Path):
