@@ -14,7 +14,7 @@ Two branches (``SRMConfig.branch``; only the chosen one is built):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, get_args
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from alignsam.errors import ConfigError, check_range
 from alignsam.losses import bce_loss, dice_loss
 
-BRANCHES = ("implicit", "explicit")
+Branch = Literal["implicit", "explicit"]  # the same two values as the policy's variant
+BRANCHES = get_args(Branch)
 
 # Logit given to cells outside ``valid`` in :func:`srm_loss`: sigmoid is exactly 0 and the BCE
 # against a 0 target is exactly 0, so those cells drop out of both sums (finite, so fp16-safe).
@@ -54,7 +55,7 @@ class SRMConfig:
     >= 0 and not both 0, lr > 0.
     """
 
-    branch: str = "implicit"
+    branch: Branch = "implicit"
     hidden: int = 64
     attention_grid: int = 8
     heads: int = 4

@@ -13,7 +13,7 @@ Spatial conventions come from :mod:`alignsam.geometry`; actions become SAM point
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -34,10 +34,12 @@ from alignsam.geometry import (
 )
 from alignsam.losses import mask_iou
 
-INIT_PROMPTS = ("srm", "none")
-STATE_MASKS = ("prob", "binary")
-TRAIN_LABELS = ("srm", "gt")
-REWARDS = ("target", "iou_gain", "target+iou")
+# The option values, typed so that the command line lists them (--help) and checks them.
+InitPrompts = Literal["srm", "none"]
+StateMask = Literal["prob", "binary"]
+TrainLabels = Literal["srm", "gt"]
+Reward = Literal["target", "iou_gain", "target+iou"]
+INIT_PROMPTS, STATE_MASKS, TRAIN_LABELS, REWARDS = (get_args(t) for t in (InitPrompts, StateMask, TrainLabels, Reward))
 ALL_ONES_LOGIT = 10.0  # the "everything" mask M_0 of init_prompts: none (sigmoid ~ 1)
 
 
@@ -65,10 +67,10 @@ class EnvConfig:
 
     steps: int = 15
     grid: int = 10
-    init_prompts: str = "srm"
-    state_mask: str = "prob"
-    train_labels: str = "srm"
-    reward: str = "target"
+    init_prompts: InitPrompts = "srm"
+    state_mask: StateMask = "prob"
+    train_labels: TrainLabels = "srm"
+    reward: Reward = "target"
     feed_mask_input: bool = False
     greedy_eval: bool = True
 

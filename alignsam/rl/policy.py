@@ -20,14 +20,15 @@ the image border behaves like a zero-padded frame edge for the 3x3 convolutions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn as nn
 
 from alignsam.errors import ConfigError, check_range
 
-VARIANTS = ("implicit", "explicit")
+Variant = Literal["implicit", "explicit"]  # the same two values as the SRM's branch
+VARIANTS = get_args(Variant)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class PolicyConfig:
     hidden, groups, value_hidden >= 1, blocks >= 0, groups divides hidden.
     """
 
-    variant: str = "implicit"
+    variant: Variant = "implicit"
     hidden: int = 64
     blocks: int = 3
     groups: int = 8
