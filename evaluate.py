@@ -7,7 +7,7 @@
 
 The first form (the ``test`` subcommand, implied) scores every strategy of
 alignsam/evaluation/strategies.py on the test split with the same cached embeddings and writes the
-table to ``<run>/evaluation/test.md`` / ``test.csv`` (and TensorBoard). See README "Evaluation".
+table to ``<run>/evaluation/test.md`` / ``test.csv`` (and TensorBoard). See docs/evaluation.md.
 """
 from alignsam.cli import evaluate_main
 

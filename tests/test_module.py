@@ -29,7 +29,7 @@ from alignsam.srm import SRMConfig
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SAM = ROOT / "checkpoints" / "tiny_sam.pt"
 MATCHER_TINY = ROOT / "conf" / "scenes" / "matcher_tiny.yaml"
-EXPLICIT_TASKS = ("shadow", "voc", "categories")  # method.md: the text-conditioned branch
+EXPLICIT_TASKS = ("shadow", "voc", "categories")  # docs/method.md: the text-conditioned branch
 SCALARS = ("train/return", "ppo/approx_kl", "ppo/clip_fraction", "ppo/explained_variance", "ppo/entropy", "srm/loss")
 
 

@@ -1,4 +1,4 @@
-"""Learning-curve figures from the TensorBoard logs of training runs (the README's per-task curves).
+"""Learning-curve figures from the TensorBoard logs of training runs (the per-task curves of docs/results.md).
 
 A run directory is one Lightning ``TensorBoardLogger`` version, e.g. ``logs/scenes/blur/version_0``.
 What :class:`alignsam.module.AlignSAM` logs there, and at which step:

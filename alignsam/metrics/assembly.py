@@ -1,4 +1,4 @@
-"""Per-class binary predictions -> one label map per image (the VOC protocol of ``method.md``).
+"""Per-class binary predictions -> one label map per image (the VOC protocol of ``docs/method.md``, "VOC as an open-context task").
 
 An image with K classes present is K episodes; each gives logits at original size. A pixel takes
 the class whose mask covers it with the highest SAM logit, and background (0) where no mask covers

@@ -1,4 +1,4 @@
-"""Print the README's "Results on the bundled world" tables from evaluate.py's CSVs.
+"""Print the result tables of docs/results.md (and the README headline) from evaluate.py's CSVs.
 
     python docs/results/summarise.py --runs seed0=logs/s4/seed0 seed1=logs/s4/seed1 seed2=logs/s4/seed2
 

@@ -1,4 +1,4 @@
-"""Learning curves: reading TensorBoard event files and drawing the README's figure."""
+"""Learning curves: reading TensorBoard event files and drawing the figures of docs/results.md."""
 import re
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""docs/results/summarise.py: the README's result tables from evaluate.py's CSVs."""
+"""docs/results/summarise.py: the result tables of docs/results.md from evaluate.py's CSVs."""
 import csv
 import importlib.util
 from pathlib import Path
