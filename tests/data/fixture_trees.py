@@ -1,6 +1,6 @@
 """Tiny dataset trees in the real layouts, written under pytest's ``tmp_path``.
 
-The layouts are typed here from ``docs/data-and-metrics.md`` (not imported from the presets), so
+The layouts are typed here from ``data/README.md`` (not imported from the presets), so
 a typo in a preset fails the tests. Every image encodes its own mask: the red channel is bright
 (230) on foreground and dark (20) elsewhere, so a test can tell that an image got *its* mask.
 """
