@@ -9,13 +9,14 @@
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import logging
 import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
@@ -23,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from alignsam.config_files import add_base_config_argument, expand_base_configs
 from alignsam.data.precompute import PrecomputeFeatures
-from alignsam.errors import CommandLineError, check_range, exit_on_user_error
+from alignsam.errors import CommandLineError, UserError, check_range, exit_on_user_error, traceback_requested
 from alignsam.metrics import HEADLINE_METRICS
 from alignsam.module import AlignSAM
 from alignsam.run_files import check_config_matches_checkpoint, read_run_checkpoint, run_dir_of
@@ -310,8 +311,6 @@ def evaluate_main(args=None) -> None:
     A UserError ends as one line and exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "predict":
-        from alignsam.evaluation.predict import main as predict_main
-
         raise SystemExit(predict_main(argv[1:]))
     if not argv or argv[0] != "test":
         argv.insert(0, "test")  # also for -h: the help of test, whose options are evaluate.py's
@@ -325,3 +324,45 @@ def evaluate_main(args=None) -> None:
             EvaluateCLI(args=full)
 
     exit_on_user_error(run)
+
+
+# -- evaluate.py predict ---------------------------------------------------------------------------
+def predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py predict",
+        description="Run a trained AlignSAM agent on a folder of images without ground truth.")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("--images", required=True, help="folder of images (any size; RGB, grey or RGBA; EXIF orientation honoured)")
+    parser.add_argument("--out", required=True, help="output folder: masks/ and overlays/ are written into it")
+    parser.add_argument("--text", default=None, help="episode text (the class name for voc / categories; default: the task's word)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--segmenter_checkpoint", default=None,
+                        help="SAM weights, when they are not where the checkpoint's model.segmenter.checkpoint says")
+    parser.add_argument("--feature_cache", default=None, help="feature cache directory (default: the checkpoint's)")
+    return parser
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    """``evaluate.py predict``: an :class:`~alignsam.api.AlignSAMPredictor` over a folder of images."""
+    from alignsam.api import AlignSAMPredictor, default_text
+    from alignsam.evaluation.images import ImageFolderError
+    from alignsam.evaluation.predict import predict_folder
+
+    args = predict_parser().parse_args(list(argv))
+    if args.batch_size < 1:
+        raise SystemExit("--batch_size must be >= 1")
+    try:
+        predictor = AlignSAMPredictor.from_checkpoint(args.ckpt_path, args.device, args.segmenter_checkpoint,
+                                                      args.feature_cache)
+        default_text(predictor.task, args.text)  # fails before any image is read
+        written, failures = predict_folder(predictor, args.images, args.out, args.text, args.batch_size)
+    except (UserError, FileNotFoundError, ImageFolderError, ValueError) as error:
+        if traceback_requested():
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    for path, reason in failures:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{written} prediction(s) written to {args.out} (masks/, overlays/); {len(failures)} unreadable file(s) skipped")
+    return 0 if written else 1

@@ -8,17 +8,14 @@ and ``DIR/overlays/<stem>.png`` (the mask and the numbered clicks over the image
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
-from alignsam.errors import UserError, traceback_requested
-from alignsam.evaluation.images import ImageFolderError, iter_images, list_images, output_stems
+from alignsam.evaluation.images import iter_images, list_images, output_stems
 from alignsam.evaluation.writer import save_binary_prediction, save_label_map_prediction
 from alignsam.geometry import sam_to_original_points
 
@@ -127,41 +124,3 @@ def predict_folder(predictor, images_dir: str, out_dir: str, text: Optional[str]
             written += flush()
     written += flush()
     return written, failures
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py predict",
-        description="Run a trained AlignSAM agent on a folder of images without ground truth.")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by train.py (e.g. .../checkpoints/last.ckpt)")
-    parser.add_argument("--images", required=True, help="folder of images (any size; RGB, grey or RGBA; EXIF orientation honoured)")
-    parser.add_argument("--out", required=True, help="output folder: masks/ and overlays/ are written into it")
-    parser.add_argument("--text", default=None, help="episode text (the class name for voc / categories; default: the task's word)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--segmenter_checkpoint", default=None,
-                        help="SAM weights, when they are not where the checkpoint's model.segmenter.checkpoint says")
-    parser.add_argument("--feature_cache", default=None, help="feature cache directory (default: the checkpoint's)")
-    return parser
-
-
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    if args.batch_size < 1:
-        raise SystemExit("--batch_size must be >= 1")
-    from alignsam.api import AlignSAMPredictor, default_text
-
-    try:
-        predictor = AlignSAMPredictor.from_checkpoint(args.ckpt_path, args.device, args.segmenter_checkpoint,
-                                                      args.feature_cache)
-        default_text(predictor.task, args.text)  # fails before any image is read
-        written, failures = predict_folder(predictor, args.images, args.out, args.text, args.batch_size)
-    except (UserError, FileNotFoundError, ImageFolderError, ValueError) as error:
-        if traceback_requested():
-            raise
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    for path, reason in failures:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"{written} prediction(s) written to {args.out} (masks/, overlays/); {len(failures)} unreadable file(s) skipped")
-    return 0 if written else 1
