@@ -14,6 +14,7 @@ import difflib
 import logging
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -217,6 +218,8 @@ class EvaluateCLI(AlignSAMCLI):
                                         ", ".join(config_files) or "(none)", options["ckpt_path"])
 
     def instantiate_trainer(self, **kwargs):
+        # evaluation restores only the weights; the run's checkpoint callbacks have nothing to resume
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         # the tables and events go next to the checkpoint's run; evaluation writes no checkpoints
         # (the run's own config.yaml names its ModelCheckpoint, which would point at ./checkpoints)
         kept = [c for c in (self.trainer_config().get("callbacks") or []) if not isinstance(c, ModelCheckpoint)]
