@@ -12,11 +12,15 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
+import alignsam.foundation.segmenter as segmenter_module
 from alignsam.foundation.segmenter import (
+    DECODE_ATTENTION,
     DOWNLOAD_PAGE,
     OFFICIAL_CHECKPOINTS,
     CheckpointError,
     Segmenter,
+    auto_decode_chunk,
+    dense_positional_encoding,
 )
 from alignsam.foundation.registry import build_segmenter
 from alignsam.foundation.tiny import TINY_SAM_FILE, TinySamArch, build_tiny_sam, save_tiny_sam
@@ -335,20 +339,23 @@ def test_padding_to_a_longer_list_is_a_no_op(tiny, tiny_embedded):
     assert max_abs_diff("one click vs one click + 2 padding", padded, short) < TOLERANCE
 
 
-def test_decoder_calls_one_without_padding_one_per_click_count_with_it(tiny, tiny_embedded):
+def test_decoder_calls_one_without_padding_one_per_click_count_with_it(tiny, tiny_embedded, monkeypatch):
     _, embedded = tiny_embedded
     calls = []
-    handle = tiny.sam.mask_decoder.transformer.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
-    try:
-        points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=10)
-        tiny.decode(embedded.embeddings, points, labels)
-        assert calls == [len(TINY_IMAGE_HW)]
-        embeddings, _, points, labels = padded_batch(embedded, seed=10)
-        calls.clear()
-        tiny.decode(embeddings, points, labels)
-        assert sorted(calls) == [1, 1, 1, 2, 2]  # 0, 1, 2, 3 and 4 real clicks
-    finally:
-        handle.remove()
+    run_transformer = segmenter_module._run_transformer
+
+    def counting(transformer, image_embedding, *args):
+        calls.append(image_embedding.shape[0])
+        return run_transformer(transformer, image_embedding, *args)
+
+    monkeypatch.setattr(segmenter_module, "_run_transformer", counting)
+    points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=10)
+    tiny.decode(embedded.embeddings, points, labels)
+    assert calls == [len(TINY_IMAGE_HW)]
+    embeddings, _, points, labels = padded_batch(embedded, seed=10)
+    calls.clear()
+    tiny.decode(embeddings, points, labels)
+    assert sorted(calls) == [1, 1, 1, 2, 2]  # 0, 1, 2, 3 and 4 real clicks
 
 
 def test_padded_decode_keeps_the_graph(tiny, tiny_embedded):
@@ -360,6 +367,145 @@ def test_padded_decode_keeps_the_graph(tiny, tiny_embedded):
     low_res, _ = tiny.decode_with_grad(embeddings, sam_points, labels)
     low_res.sum().backward()
     assert (embeddings.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+# -- the fast decode path: attention, chunks, the image side, autocast --------------------------------
+# The SamPredictor tests above run the default path (attention "fast", automatic chunks); these
+# check that every option gives SamPredictor's logits, and that the options change nothing else.
+def predictor_reference(segmenter, embeddings, original_hw, points, labels, mask_input=None):
+    """SamPredictor's low-res logits ``(B, 1, 4h, 4w)`` for every row (its own embedding and clicks)."""
+    predictor = SamPredictor(segmenter.sam)
+    out = []
+    for i in range(embeddings.shape[0]):
+        set_predictor_features(predictor, embeddings[i : i + 1], tuple(original_hw[i].tolist()), segmenter.img_size)
+        out.append(predictor_on_real_clicks(predictor, points[i], labels[i],
+                                            None if mask_input is None else mask_input[i])[0])
+    return torch.stack(out)
+
+
+@pytest.fixture
+def restore_decode_options(tiny, vit_b):
+    yield
+    for segmenter in (tiny, vit_b):
+        segmenter.attention, segmenter.decode_chunk = "fast", None
+
+
+@pytest.mark.parametrize("attention", DECODE_ATTENTION)
+@pytest.mark.parametrize("chunk", [None, 0, 3])
+def test_every_attention_and_chunking_matches_predictor(tiny, tiny_embedded, attention, chunk, restore_decode_options):
+    """Padded rows (the grouped path), split into chunks of 3 or not."""
+    _, embedded = tiny_embedded
+    embeddings, original_hw, points, labels = padded_batch(embedded, seed=12)
+    sam_points = original_to_sam_points(points, original_hw, tiny.img_size)
+    tiny.attention, tiny.decode_chunk = attention, chunk
+    low_res, _ = tiny.decode(embeddings, sam_points, labels)
+    reference = predictor_reference(tiny, embeddings, original_hw, points, labels)
+    assert max_abs_diff(f"tiny attention={attention} chunk={chunk}", low_res, reference) < TOLERANCE
+
+
+@pytest.mark.parametrize("attention", DECODE_ATTENTION)
+def test_vit_b_every_attention_matches_predictor(vit_b, vit_b_embeddings, attention, restore_decode_options):
+    original_hw = torch.tensor(VIT_B_IMAGE_HW)
+    points, labels = random_clicks(VIT_B_IMAGE_HW, num_clicks=3, seed=13)
+    sam_points = original_to_sam_points(points, original_hw, vit_b.img_size)
+    vit_b.attention, vit_b.decode_chunk = attention, 2  # chunks of 2 over 3 images: a full and a partial one
+    low_res, _ = vit_b.decode(vit_b_embeddings, sam_points, labels)
+    reference = predictor_reference(vit_b, vit_b_embeddings, original_hw, points, labels)
+    assert max_abs_diff(f"vit_b attention={attention}", low_res, reference) < TOLERANCE
+
+
+def test_automatic_chunks_on_the_cpu_only():
+    """4 ViT-B images (64 x 64 x 256 tokens, 4 MiB) or 128 tiny ones a call on the CPU; one call on a GPU."""
+    assert auto_decode_chunk(torch.device("cpu"), (64, 64), 256) == 4
+    assert auto_decode_chunk(torch.device("cpu"), (16, 16), 128) == 128
+    assert auto_decode_chunk(torch.device("cpu"), (256, 256), 1024) == 1
+    assert auto_decode_chunk(torch.device("cuda"), (64, 64), 256) is None
+
+
+def test_chunks_split_the_batch(vit_b, vit_b_embeddings, monkeypatch, restore_decode_options):
+    calls = []
+    run_transformer = segmenter_module._run_transformer
+
+    def counting(transformer, image_embedding, image_pe, tokens, *args):
+        calls.append(tokens.shape[0])
+        return run_transformer(transformer, image_embedding, image_pe, tokens, *args)
+
+    monkeypatch.setattr(segmenter_module, "_run_transformer", counting)
+    points = torch.full((3, 1, 2), 300.0)
+    labels = torch.ones(3, 1, dtype=torch.long)
+    vit_b.decode_chunk = 2
+    vit_b.decode(vit_b_embeddings, points, labels)
+    assert calls == [2, 1]
+    calls.clear()
+    vit_b.decode_chunk = 0  # no chunks
+    vit_b.decode(vit_b_embeddings, points, labels)
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_image_side_changes_nothing(tiny, tiny_embedded, padded, restore_decode_options):
+    """An episode's decodes with the decoder's image-side work done once give the same logits."""
+    _, embedded = tiny_embedded
+    if padded:
+        embeddings, original_hw, points, labels = padded_batch(embedded, seed=14)
+    else:
+        embeddings, original_hw = embedded.embeddings, embedded.original_hw
+        points, labels = random_clicks([tuple(hw) for hw in original_hw.tolist()], num_clicks=3, seed=14)
+    sam_points = original_to_sam_points(points, original_hw, tiny.img_size)
+    side = tiny.image_side(embeddings)
+    assert side is not None and len(side) == embeddings.shape[0]
+    for chunk in (None, 2):
+        tiny.decode_chunk = chunk
+        plain, plain_iou = tiny.decode(embeddings, sam_points, labels)
+        reused, reused_iou = tiny.decode(embeddings, sam_points, labels, image_side=side)
+        assert max_abs_diff(f"image side, padded={padded} chunk={chunk}", reused, plain) < 1e-5
+        assert max_abs_diff("image side iou", reused_iou, plain_iou) < 1e-5
+    reference = predictor_reference(tiny, embeddings, original_hw, points, labels)
+    assert max_abs_diff("image side vs predictor", reused, reference) < TOLERANCE
+
+
+def test_image_side_is_ignored_with_a_mask_prompt_and_checked(tiny, tiny_embedded):
+    _, embedded = tiny_embedded
+    points = torch.full((len(TINY_IMAGE_HW), 1, 2), 100.0)
+    labels = torch.ones(len(TINY_IMAGE_HW), 1, dtype=torch.long)
+    side = tiny.image_side(embedded.embeddings)
+    previous, _ = tiny.decode(embedded.embeddings, points, labels)
+    with_mask, _ = tiny.decode(embedded.embeddings, points, labels, mask_input=previous)
+    with_mask_and_side, _ = tiny.decode(embedded.embeddings, points, labels, mask_input=previous, image_side=side)
+    assert torch.equal(with_mask, with_mask_and_side)
+    with pytest.raises(ValueError, match="image_side holds"):
+        tiny.decode(embedded.embeddings[:2], points[:2], labels[:2], image_side=side)
+
+
+def test_no_image_side_for_eager_attention(tiny, tiny_embedded, restore_decode_options):
+    tiny.attention = "eager"
+    assert tiny.image_side(tiny_embedded[1].embeddings) is None
+
+
+def test_decode_stays_float32_under_autocast(tiny, tiny_embedded):
+    """SAM's decode ignores an enclosing bf16 autocast (Trainer precision bf16-mixed, model.ppo.precision bf16)."""
+    _, embedded = tiny_embedded
+    points, labels = random_clicks(TINY_IMAGE_HW, num_clicks=3, seed=15)
+    sam_points = original_to_sam_points(points, embedded.original_hw, tiny.img_size)
+    full, _ = tiny.decode(embedded.embeddings, sam_points, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = tiny.decode(embedded.embeddings, sam_points, labels)
+    assert inside.dtype == torch.float32 and torch.equal(inside, full)
+
+
+def test_dense_positional_encoding_is_computed_once_per_version(tiny):
+    encoder = tiny.sam.prompt_encoder
+    first = dense_positional_encoding(encoder)
+    assert torch.equal(first, encoder.get_dense_pe())
+    assert dense_positional_encoding(encoder) is first  # reused
+    matrix = encoder.pe_layer.positional_encoding_gaussian_matrix
+    saved = matrix.clone()
+    try:
+        matrix.mul_(2.0)  # an in-place change (a new checkpoint loaded into the same tensors)
+        changed = dense_positional_encoding(encoder)
+        assert changed is not first and torch.equal(changed, encoder.get_dense_pe())
+    finally:
+        matrix.copy_(saved)
 
 
 # -- geometry ----------------------------------------------------------------------------------------
