@@ -220,31 +220,52 @@ class Agent(nn.Module):
         steps = steps or self.env_config.steps
         env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold, all_positive)
         policy_text, srm_text = self.policy_text_state(episodes), self.srm_text_state(episodes)
-        srm_probs = torch.sigmoid(self.srm(env.blank_state(episodes), srm_text))
-        state = env.reset(episodes, srm_probs, training)
+        # training: the policy and the SRM in model.ppo.precision, as the updates will evaluate
+        # them (so that PPO's first ratios are 1); SAM's decode is float32 whatever the precision
+        precision = self.ppo_config.precision if training else "fp32"
+        # the networks read s = E * m(M) (E alone before any mask), formed here in their precision
+        # exactly as the updates form it (bf16: from bfloat16 E and m)
+        embeddings, pool = ppo.network_input(precision, episodes.embeddings), ppo.network_input(precision, episodes.pool)
+        policy_text, srm_text = ppo.network_input(precision, policy_text), ppo.network_input(precision, srm_text)
+
+        def state(mask: Optional[torch.Tensor]) -> torch.Tensor:
+            return embeddings if mask is None else embeddings * ppo.network_input(precision, mask)
+
+        def policy(s: torch.Tensor):
+            with ppo.autocast(precision, embeddings.device):
+                logits, value = self.policy(s, pool, policy_text)
+            return logits.float(), value.float()
+
+        def srm(s: torch.Tensor) -> torch.Tensor:
+            with ppo.autocast(precision, embeddings.device):
+                return torch.sigmoid(self.srm(s, srm_text).float())
+
+        # the SRM labels the clicks; with ground-truth labels or all positive ones it is not needed
+        needs_srm = not all_positive and not (training and self.env_config.train_labels == "gt")
+        env.reset(episodes, srm(state(None)), training)
         record: Dict[str, List[torch.Tensor]] = {k: [] for k in ("masks", "valid", "actions", "log_probs", "values", "rewards", "labels")}
         for _ in range(steps):
-            logits, value = self.policy(state, episodes.pool, policy_text)
+            s = state(env.mask)
+            logits, value = policy(s)
             # sampled on the CPU with the agent's generator, whose state the checkpoint keeps
-            actions, log_probs = ppo.sample_actions(logits.float().cpu(), env.valid.cpu(), self.generator, greedy)
+            actions, log_probs = ppo.sample_actions(logits.cpu(), env.valid.cpu(), self.generator, greedy)
             actions = actions.to(self.device)
-            srm_probs = torch.sigmoid(self.srm(state, srm_text))
+            srm_probs = srm(s) if needs_srm else None
             record["masks"].append(env.mask)
             record["valid"].append(env.valid)
             record["actions"].append(actions)
             record["log_probs"].append(log_probs.to(self.device))
-            record["values"].append(value.float())
+            record["values"].append(value)
             result = env.step(actions, srm_probs)
-            state = result.state
             record["labels"].append(result.labels)
             if result.reward is not None:
                 record["rewards"].append(result.reward)
-        _, bootstrap = self.policy(state, episodes.pool, policy_text)
+        _, bootstrap = policy(state(env.mask))
         stack = lambda key: torch.stack(record[key]) if record[key] else None  # noqa: E731
         return Rollout(
             masks=stack("masks"), valid=stack("valid"), actions=stack("actions"), log_probs=stack("log_probs"),
             values=stack("values"), rewards=stack("rewards"), labels=stack("labels"),
-            bootstrap_value=bootstrap.float(), final_mask=env.mask, final_logits=env.logits,
+            bootstrap_value=bootstrap, final_mask=env.mask, final_logits=env.logits,
             iou_curve=torch.stack(env.iou_history) if env.iou_history else None,
             points=env.points, point_labels=env.labels, step_logits=env.logits_history,
         )

@@ -34,6 +34,8 @@ from alignsam.srm import SRMConfig, srm_loss
 warnings.filterwarnings("ignore", message=".*module.*in eval mode.*")  # the frozen SAM / CLIP, by design
 
 BASELINES = ("centre", "random")  # scored once per run in validation (evaluate.py scores them all)
+# what ppo_update returns as ppo/<name>, the last epoch's minibatch means
+PPO_STATISTICS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
 __all__ = ["AlignSAM", "SegmenterConfig", "Rollout", "BASELINES"]
 
 # The config dataclasses may be hyperparameters of older checkpoints: allow them for
@@ -118,67 +120,85 @@ class AlignSAM(L.LightningModule):
                       batch_size=b, on_step=False, on_epoch=True)
 
     def ppo_update(self, episodes: Episodes, rollout: Rollout) -> Dict[str, torch.Tensor]:
-        """K epochs of clipped-PPO minibatch updates on one rollout; returns the last epoch's means."""
+        """K epochs of clipped-PPO minibatch updates on one rollout; returns the last epoch's means.
+
+        Nothing here waits for the device per minibatch: the K epochs' shuffles are drawn up front
+        (the same draws as one per epoch) and moved in one transfer, the action masks are checked
+        once, and the statistics stay on the device (0-dim tensors for the logger). With
+        ``model.ppo.precision: bf16`` the policy runs under bfloat16 autocast; the losses are float32.
+        """
         agent, cfg = self.agent, self.agent.ppo_config
         policy_opt = self.optimizers()[0]
         advantages, returns = ppo.gae(rollout.rewards, rollout.values, rollout.bootstrap_value, cfg.gamma, cfg.gae_lambda)
         t_count, b_count = rollout.actions.shape
-        policy_text = agent.policy_text_state(episodes)
-        sums: Dict[str, float] = {}
-        for epoch in range(cfg.epochs):
-            sums = {}
-            batches = ppo.minibatches(t_count * b_count, cfg.minibatch_size, agent.generator)
+        # the networks' inputs in their precision (bf16: cast once here, as the rollout did)
+        embeddings, masks, pool, policy_text = (ppo.network_input(cfg.precision, x) for x in (
+            episodes.embeddings, rollout.masks, episodes.pool, agent.policy_text_state(episodes)))
+        ppo.check_actions(rollout.valid, rollout.actions)  # once, instead of in every minibatch
+        states = ppo.all_states(embeddings, masks)  # (T*B, C, h, w) formed once, or None when too large
+        epochs = ppo.epoch_minibatches(t_count * b_count, cfg.minibatch_size, cfg.epochs, agent.generator, self.device)
+        last_epoch: List[torch.Tensor] = []
+        for epoch, batches in enumerate(epochs):
             for index in batches:
-                index = index.to(self.device)
                 t, b = index // b_count, index % b_count
-                state = episodes.embeddings[b] * rollout.masks[t, b]
-                logits, value = agent.policy(state, episodes.pool[b], None if policy_text is None else policy_text[b])
+                state = embeddings[b] * masks[t, b] if states is None else states[index]
+                with ppo.autocast(cfg.precision, self.device):
+                    logits, value = agent.policy(state, pool[b], None if policy_text is None else policy_text[b])
+                logits, value = logits.float(), value.float()
                 valid = rollout.valid[t, b]
-                new_log_probs = ppo.action_log_probs(logits, valid, rollout.actions[t, b])
+                new_log_probs = ppo.action_log_probs(logits, valid, rollout.actions[t, b], check=False)
                 adv = advantages[t, b]
                 if cfg.normalize_advantages:
                     adv = ppo.normalize(adv)
                 policy_loss, info = ppo.clipped_policy_loss(new_log_probs, rollout.log_probs[t, b], adv, cfg.clip)
                 old_values = rollout.values[t, b] if cfg.clip_value_loss else None
                 v_loss = ppo.value_loss(value, returns[t, b], old_values, cfg.clip if cfg.clip_value_loss else None)
-                entropy = ppo.masked_entropy(logits, valid).mean()
+                entropy = ppo.masked_entropy(logits, valid, check=False).mean()
                 loss = policy_loss + cfg.value_coef * v_loss - cfg.entropy_coef * entropy
                 policy_opt.zero_grad()
                 self.manual_backward(loss)
                 self.clip_gradients(policy_opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
                 policy_opt.step()
-                for key, value_ in (("policy_loss", policy_loss), ("value_loss", v_loss), ("entropy", entropy),
-                                    ("approx_kl", info["approx_kl"]), ("clip_fraction", info["clip_fraction"])):
-                    sums[key] = sums.get(key, 0.0) + float(value_.detach()) / len(batches)
-        out = {f"ppo/{k}": torch.tensor(v) for k, v in sums.items()}
-        out["ppo/explained_variance"] = torch.tensor(ppo.explained_variance(rollout.values.flatten(), returns.flatten()))
+                if epoch == len(epochs) - 1:
+                    last_epoch.append(torch.stack([policy_loss.detach(), v_loss.detach(), entropy.detach(),
+                                                   info["approx_kl"], info["clip_fraction"]]))
+        means = torch.stack(last_epoch).mean(0)
+        out = {f"ppo/{k}": v for k, v in zip(PPO_STATISTICS, means)}
+        out["ppo/explained_variance"] = ppo.explained_variance_tensor(rollout.values, returns)
         return out
 
     def srm_update(self, episodes: Episodes, rollout: Rollout) -> torch.Tensor:
-        """One pass of Dice + BCE over every state of the rollout (the blank one included)."""
+        """One pass of Dice + BCE over every state of the rollout (the blank one included); returns
+        the mean minibatch loss as a 0-dim tensor on the device (no host read)."""
         srm_opt = self.optimizers()[1]
         masks = torch.cat([torch.ones_like(rollout.masks[:1]), rollout.masks, rollout.final_mask[None]])  # (T+2, B, ...)
         t_count, b_count = masks.shape[:2]
         agent = self.agent
-        srm_text = agent.srm_text_state(episodes)
+        precision = agent.ppo_config.precision
+        embeddings, masks, srm_text = (ppo.network_input(precision, x) for x in (
+            episodes.embeddings, masks, agent.srm_text_state(episodes)))
         valid = episodes.region > 0.5
-        total = 0.0
-        batches = ppo.minibatches(t_count * b_count, agent.ppo_config.minibatch_size, agent.generator)
+        losses: List[torch.Tensor] = []
+        batches = ppo.epoch_minibatches(t_count * b_count, agent.ppo_config.minibatch_size, 1, agent.generator,
+                                        self.device)[0]
         for index in batches:
-            index = index.to(self.device)
             t, b = index // b_count, index % b_count
-            logits = agent.srm(episodes.embeddings[b] * masks[t, b], None if srm_text is None else srm_text[b])
-            loss = srm_loss(logits, episodes.gt_grid[b], valid[b], agent.srm_config)
+            with ppo.autocast(precision, self.device):
+                logits = agent.srm(embeddings[b] * masks[t, b], None if srm_text is None else srm_text[b])
+            loss = srm_loss(logits.float(), episodes.gt_grid[b], valid[b], agent.srm_config)
             srm_opt.zero_grad()
             self.manual_backward(loss)
             srm_opt.step()
-            total += float(loss.detach()) / len(batches)
-        return torch.tensor(total)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def configure_optimizers(self):
+        # foreach: one kernel per step for all parameters instead of a loop over them (on the CPU
+        # bit for bit the numbers of the per-parameter loop, torch's CPU default; docs/performance.md)
         agent = self.agent
-        policy_opt = torch.optim.Adam(agent.policy.parameters(), lr=agent.ppo_config.lr, eps=agent.ppo_config.adam_eps)
-        srm_opt = torch.optim.Adam(agent.srm.parameters(), lr=agent.srm_config.lr)
+        policy_opt = torch.optim.Adam(agent.policy.parameters(), lr=agent.ppo_config.lr, eps=agent.ppo_config.adam_eps,
+                                      foreach=True)
+        srm_opt = torch.optim.Adam(agent.srm.parameters(), lr=agent.srm_config.lr, foreach=True)
         return [policy_opt, srm_opt]
 
     # -- evaluation ----------------------------------------------------------------------------------

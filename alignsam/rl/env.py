@@ -254,11 +254,14 @@ class PromptingEnv:
         self.valid = torch.ones(b, self.config.grid ** 2, dtype=torch.bool, device=device)
         self.clicked = torch.zeros(b, 0, dtype=torch.long, device=device)
         self.iou_history, self.logits_history = [], []
+        # the decoder's prompt-independent work, done once for the episode's T + 1 decodes
+        image_side = getattr(self.segmenter, "image_side", None)
+        self.image_side = image_side(episodes.sam_embeddings) if image_side is not None else None
         if self.config.init_prompts == "srm":
             if srm_probs is None:
                 raise ValueError("model.env.init_prompts: srm needs the SRM's probabilities at reset")
             self.points, self.labels = self._srm_seed_prompts(srm_probs)
-            self.logits, _ = self.segmenter.decode(episodes.sam_embeddings, self.points, self.labels)
+            self.logits, _ = self._decode(None)
         else:
             self.points = torch.zeros(b, 0, 2, device=device)
             self.labels = torch.zeros(b, 0, dtype=torch.long, device=device)
@@ -267,6 +270,13 @@ class PromptingEnv:
         self._record_iou()
         self.mask = self.mask_on_grid(self.logits)
         return self.state_from_mask(self.mask)
+
+    def _decode(self, mask_input: Optional[torch.Tensor]):
+        """SAM on every prompt so far (one batched decode of the B episodes)."""
+        args = (self.episodes.sam_embeddings, self.points, self.labels, mask_input)
+        if self.image_side is None or mask_input is not None:
+            return self.segmenter.decode(*args)
+        return self.segmenter.decode(*args, image_side=self.image_side)
 
     def _srm_seed_prompts(self, srm_probs: torch.Tensor):
         """P_0: the most confident foreground cell (positive) and the least confident (negative),
@@ -313,7 +323,7 @@ class PromptingEnv:
         self.points = torch.cat([self.points, self.episodes.action_points[rows, actions][:, None]], 1)
         self.labels = torch.cat([self.labels, labels[:, None]], 1)
         mask_input = self.logits if (self.config.feed_mask_input and came_from_sam) else None
-        self.logits, _ = self.segmenter.decode(self.episodes.sam_embeddings, self.points, self.labels, mask_input)
+        self.logits, _ = self._decode(mask_input)
         self.logits_history.append(self.logits)
         previous = self.iou_history[-1] if self.iou_history else None
         iou = self._record_iou()

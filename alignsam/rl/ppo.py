@@ -15,6 +15,12 @@ Nothing here knows about the environment, the networks or Lightning. One PPO ite
      - backward, clip the global grad norm to ``max_grad_norm``, Adam step.
 4. Log approx-KL, clip fraction, entropy, ``explained_variance(values, returns)``.
 
+On an accelerator every host read stalls the queue, so the update reads nothing per minibatch: the
+action masks are checked once per update (``check_actions``), the per-minibatch calls pass
+``check=False``, and the statistics stay tensors until the logger reads them
+(``explained_variance_tensor``). ``PPOConfig.precision: bf16`` runs the policy and the SRM under
+bfloat16 autocast (their forward and backward; the losses and SAM stay in float32).
+
 Invalid actions (patches already clicked) are removed from the distribution by ``masked_log_softmax``:
 their log-probability is a large negative *finite* constant, so they have probability exactly 0,
 are never sampled, contribute exactly 0 to the entropy, and no NaN or inf appears in any value or
@@ -27,11 +33,28 @@ from dataclasses import dataclass
 
 import torch
 
-from alignsam.errors import check_range
+from alignsam.errors import ConfigError, check_range
 
 # Log-probability given to invalid actions (clamped to the dtype's range, e.g. for float16).
 # exp() of it is exactly 0, yet it is finite, so sums and products with it stay NaN-free.
 INVALID_LOG_PROB = -1e8
+# model.ppo.precision: what the policy and the SRM compute in while training.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of ``precision`` on ``device``: bfloat16 for ``bf16``; for ``fp32`` an
+    autocast that is off (so float32 also inside ``Trainer(precision="bf16-mixed")``)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def network_input(precision: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` in the dtype the networks read under ``precision``: bfloat16 for ``bf16`` (the
+    embeddings, masks and patch weights are cast once per rollout or update, not in every layer,
+    and the states ``E * m`` are formed in bfloat16), unchanged for ``fp32``; None stays None."""
+    if tensor is None or precision != "bf16" or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(torch.bfloat16)
 
 
 @dataclass
@@ -54,10 +77,14 @@ class PPOConfig:
         normalize_advantages: normalise advantages to mean 0, std 1 within each minibatch (True).
         clip_value_loss: also clip the value prediction to ``old_value +- clip`` and take the larger
             of the clipped and unclipped squared errors (off by default).
+        precision: ``fp32`` (default) or ``bf16``: the policy and the SRM run under bfloat16
+            autocast in the training rollout, the PPO update and the SRM update (forward and
+            backward; weights, optimiser state, losses and SAM's decode stay float32). About 1.8x
+            faster updates on CPUs with AMX and on recent GPUs; docs/performance.md.
 
     Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.ppo.<field>``:
     gamma and gae_lambda in [0, 1], epochs and minibatch_size >= 1, clip, max_grad_norm, lr and
-    adam_eps > 0, value_coef and entropy_coef >= 0.
+    adam_eps > 0, value_coef and entropy_coef >= 0; precision must be one of ``PRECISIONS``.
     """
 
     gamma: float = 0.99
@@ -72,8 +99,11 @@ class PPOConfig:
     adam_eps: float = 1e-5
     normalize_advantages: bool = True
     clip_value_loss: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError("model.ppo.precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
         for key in ("gamma", "gae_lambda"):
             check_range(f"model.ppo.{key}", getattr(self, key), 0.0, 1.0)
         for key in ("epochs", "minibatch_size"):
@@ -98,12 +128,14 @@ def _check_some_valid(valid: torch.Tensor) -> None:
         raise ValueError(f"rows {rows} have no valid action")
 
 
-def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Log-probabilities of a categorical restricted to the valid actions.
 
     Args:
         logits: ``(N, A)`` float, raw action scores.
         valid: ``(N, A)`` bool, False = the action may not be taken.
+        check: raise on a row without valid action (a host read; pass False when the rows were
+            checked already, e.g. by :func:`check_actions`).
     Returns:
         ``(N, A)``: for valid actions ``logits - logsumexp(logits over valid actions)`` (so their
         ``exp`` sums to 1 per row); for invalid actions ``INVALID_LOG_PROB``, a constant that carries
@@ -111,39 +143,52 @@ def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     Raises:
         ValueError: if a row has no valid action.
     """
-    _check_some_valid(valid)
+    if check:
+        _check_some_valid(valid)
     # -inf only inside logsumexp: its gradient there is softmax = exp(-inf - lse) = 0, never NaN.
     normalizer = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
     fill = max(INVALID_LOG_PROB, torch.finfo(logits.dtype).min)
     return torch.where(valid, logits - normalizer, torch.full_like(logits, fill))
 
 
-def masked_entropy(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_entropy(logits: torch.Tensor, valid: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Entropy (nats) of the masked categorical. ``logits, valid: (N, A)`` -> ``(N,)``.
 
     Invalid actions contribute exactly 0; a uniform distribution over k valid actions gives log(k).
+    ``check`` as in :func:`masked_log_softmax`.
     """
-    log_probs = masked_log_softmax(logits, valid)
+    log_probs = masked_log_softmax(logits, valid, check)
     p_log_p = torch.where(valid, log_probs.exp() * log_probs, torch.zeros_like(log_probs))
     return -p_log_p.sum(dim=-1)
 
 
-def action_log_probs(logits: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+def action_log_probs(logits: torch.Tensor, valid: torch.Tensor, actions: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Log-probability of the given actions under the masked categorical.
 
     Args:
         logits: ``(N, A)`` float.
         valid: ``(N, A)`` bool.
         actions: ``(N,)`` long, indices in ``[0, A)``; each must be valid in its row.
+        check: raise on the errors below (host reads; pass False when :func:`check_actions` has
+            checked these rows already).
     Returns:
         ``(N,)`` float (differentiable w.r.t. ``logits``).
     Raises:
         ValueError: if an action is invalid in its row (its ratio in the PPO loss would explode).
     """
     index = actions.long().unsqueeze(-1)
-    if not valid.gather(-1, index).all():
+    if check:
+        check_actions(valid, actions)
+    return masked_log_softmax(logits, valid, check).gather(-1, index).squeeze(-1)
+
+
+def check_actions(valid: torch.Tensor, actions: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every row of ``valid (..., A)`` has a valid action and every
+    action ``(...)`` is valid in its own row: what :func:`action_log_probs` checks, for a whole
+    rollout at once (one host read instead of three per minibatch)."""
+    _check_some_valid(valid.reshape(-1, valid.shape[-1]))
+    if not valid.gather(-1, actions.long().unsqueeze(-1)).all():
         raise ValueError("an action is marked invalid in its own row")
-    return masked_log_softmax(logits, valid).gather(-1, index).squeeze(-1)
 
 
 def sample_actions(
@@ -300,6 +345,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return 1.0 - (returns - values).var(correction=0).item() / var_returns
 
 
+def explained_variance_tensor(values: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+    """:func:`explained_variance` as a 0-dim float32 tensor on the inputs' device (NaN when
+    Var[returns] == 0), computed without a host read."""
+    returns = returns.detach().flatten().double()
+    values = values.detach().flatten().double()
+    var_returns = returns.var(correction=0)
+    ratio = (returns - values).var(correction=0) / var_returns
+    return torch.where(var_returns == 0, torch.full_like(ratio, math.nan), 1.0 - ratio).float()
+
+
 # ----------------------------------------------------------------------------------------------
 # Minibatches
 # ----------------------------------------------------------------------------------------------
@@ -312,3 +367,34 @@ def minibatches(n: int, minibatch_size: int, generator: torch.Generator | None =
         raise ValueError(f"n and minibatch_size must be >= 1, got {n}, {minibatch_size}")
     device = generator.device if generator is not None else None
     return list(torch.randperm(n, generator=generator, device=device).split(minibatch_size))
+
+
+# all_states forms every state of a rollout at once up to this size (beyond it, per minibatch)
+ALL_STATES_BYTES = 256 << 20
+
+
+def all_states(embeddings: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
+    """Every state ``s = E * m`` of a rollout, ``(T * B, C, h, w)`` in transition order
+    (``t * B + b``), formed once for the K epochs instead of once per minibatch; None when it would
+    exceed :data:`ALL_STATES_BYTES` (then form each minibatch's states as it comes).
+
+    Args:
+        embeddings: ``(B, C, h, w)``; masks: ``(T, B, 1, h, w)``.
+    """
+    t, b = masks.shape[:2]
+    if t * embeddings.numel() * embeddings.element_size() > ALL_STATES_BYTES:
+        return None
+    return (embeddings[None] * masks).flatten(0, 1)
+
+
+def epoch_minibatches(
+    n: int, minibatch_size: int, epochs: int, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> list[list[torch.Tensor]]:
+    """:func:`minibatches` for ``epochs`` epochs (the same draws, in the same order, as ``epochs``
+    calls of it), moved to ``device`` in one transfer: per epoch, the list of its index tensors."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    orders = torch.stack([torch.cat(minibatches(n, minibatch_size, generator)) for _ in range(epochs)])
+    orders = orders.to(device) if device is not None else orders
+    return [list(order.split(minibatch_size)) for order in orders]

@@ -4,15 +4,22 @@ import math
 import pytest
 import torch
 
+from alignsam.errors import ConfigError
 from alignsam.rl.ppo import (
     PPOConfig,
     action_log_probs,
+    all_states,
+    autocast,
+    check_actions,
     clipped_policy_loss,
+    epoch_minibatches,
     explained_variance,
+    explained_variance_tensor,
     gae,
     masked_entropy,
     masked_log_softmax,
     minibatches,
+    network_input,
     normalize,
     sample_actions,
     value_loss,
@@ -24,7 +31,7 @@ def test_config_defaults_are_the_documented_ones():
     assert (cfg.gamma, cfg.gae_lambda, cfg.epochs, cfg.clip) == (0.99, 0.95, 20, 0.2)
     assert (cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm) == (0.5, 0.01, 0.5)
     assert (cfg.lr, cfg.adam_eps, cfg.minibatch_size) == (1e-4, 1e-5, 64)
-    assert cfg.normalize_advantages is True and cfg.clip_value_loss is False
+    assert cfg.normalize_advantages is True and cfg.clip_value_loss is False and cfg.precision == "fp32"
     with pytest.raises(ValueError):
         PPOConfig(gamma=1.5)
     with pytest.raises(ValueError):
@@ -288,3 +295,68 @@ def test_minibatches_cover_every_index_once():
     perm_b = torch.cat(minibatches(50, 7, torch.Generator().manual_seed(5)))
     assert torch.equal(perm_a, perm_b)
     assert perm_a.tolist() != list(range(50))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the update needs to read nothing back per minibatch (docs/performance.md)
+# ---------------------------------------------------------------------------------------------
+
+def test_checks_can_be_skipped_and_done_once_for_a_rollout():
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(8))
+    valid = torch.tensor([[True, True, False, True, True]] * 3)
+    actions = torch.tensor([0, 1, 4])
+    torch.testing.assert_close(action_log_probs(logits, valid, actions, check=False),
+                               action_log_probs(logits, valid, actions))
+    torch.testing.assert_close(masked_entropy(logits, valid, check=False), masked_entropy(logits, valid))
+    check_actions(valid[None].expand(2, -1, -1), actions[None].expand(2, -1))  # (T, B, A), (T, B)
+    with pytest.raises(ValueError, match="invalid in its own row"):
+        check_actions(valid, torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="no valid action"):
+        check_actions(torch.zeros(2, 5, dtype=torch.bool), torch.tensor([0, 1]))
+
+
+def test_explained_variance_tensor_matches_the_float_one():
+    g = torch.Generator().manual_seed(9)
+    for values, returns in ((torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)),
+                            (torch.tensor([1.0, 2.0, 3.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]))):
+        out = explained_variance_tensor(values, returns)
+        assert out.dim() == 0 and out.dtype == torch.float32
+        assert out.item() == pytest.approx(explained_variance(values, returns), rel=1e-6)
+    assert math.isnan(explained_variance_tensor(torch.zeros(3), torch.ones(3)).item())
+
+
+def test_epoch_minibatches_are_the_draws_of_one_minibatches_call_per_epoch():
+    g = torch.Generator().manual_seed(6)
+    expected = [minibatches(10, 4, g) for _ in range(3)]
+    after_expected = torch.randint(0, 1000, (4,), generator=g)
+    g = torch.Generator().manual_seed(6)
+    epochs = epoch_minibatches(10, 4, 3, g, "cpu")
+    assert len(epochs) == 3
+    for got, want in zip(epochs, expected):
+        assert [c.tolist() for c in got] == [c.tolist() for c in want]
+    assert torch.equal(torch.randint(0, 1000, (4,), generator=g), after_expected)  # the generator moved as far
+
+
+def test_all_states_in_transition_order_and_bounded(monkeypatch):
+    g = torch.Generator().manual_seed(10)
+    embeddings, masks = torch.randn(3, 4, 2, 2, generator=g), torch.rand(2, 3, 1, 2, 2, generator=g)
+    states = all_states(embeddings, masks)
+    for index in range(6):
+        t, b = divmod(index, 3)
+        assert torch.equal(states[index], embeddings[b] * masks[t, b])
+    monkeypatch.setattr("alignsam.rl.ppo.ALL_STATES_BYTES", 100)
+    assert all_states(embeddings, masks) is None
+
+
+def test_precision_is_checked_and_casts_only_for_bf16():
+    assert PPOConfig().precision == "fp32"
+    with pytest.raises(ConfigError, match="model.ppo.precision"):
+        PPOConfig(precision="fp16")
+    x = torch.ones(2)
+    assert network_input("fp32", x) is x and network_input("bf16", None) is None
+    assert network_input("bf16", x).dtype == torch.bfloat16
+    assert network_input("bf16", torch.ones(2, dtype=torch.long)).dtype == torch.long
+    with autocast("bf16", torch.device("cpu")):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+        with autocast("fp32", torch.device("cpu")):  # fp32 turns an enclosing autocast off
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
