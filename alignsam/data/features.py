@@ -72,12 +72,49 @@ class CacheStats:
 
 
 # -- keys ------------------------------------------------------------------------------------------
+# id(array) -> (weak reference to the array, its digest), for read-only arrays (see image_digest)
+_IMAGE_DIGESTS: Dict[int, Tuple["weakref.ref[np.ndarray]", str]] = {}
+
+
 def image_digest(image: np.ndarray) -> str:
-    """SHA-256 of an image's pixel bytes, shape and dtype (what the image *is*, not where it came from)."""
-    image = np.ascontiguousarray(image)
-    digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode())
-    digest.update(memoryview(image).cast("B"))
-    return digest.hexdigest()
+    """SHA-256 of an image's pixel bytes, shape and dtype (what the image *is*, not where it came from).
+
+    Remembered for a read-only array object (``image.flags.writeable`` False, and so is every array
+    it is a view of): hashing the same object again returns the remembered digest without reading
+    the pixels (a cache hit then costs no hashing; datasets that keep their images, like
+    :class:`~alignsam.data.scene_data.SceneImages`, hand out read-only arrays for this). Writable
+    arrays are hashed every time, since their pixels may have changed in place. (An owner that
+    makes its read-only array writable again to change it must not hash it meanwhile.)
+    """
+    remember = _frozen(image)
+    if remember:
+        entry = _IMAGE_DIGESTS.get(id(image))
+        if entry is not None and entry[0]() is image:
+            return entry[1]
+    contiguous = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+    digest.update(memoryview(contiguous).cast("B"))
+    hexdigest = digest.hexdigest()
+    if remember:
+        key = id(image)
+
+        def forget(ref, key=key):  # the array is gone: its id may be reused by another object
+            if _IMAGE_DIGESTS.get(key, (None,))[0] is ref:
+                del _IMAGE_DIGESTS[key]
+
+        _IMAGE_DIGESTS[key] = (weakref.ref(image, forget), hexdigest)
+    return hexdigest
+
+
+def _frozen(image: Any) -> bool:
+    """Whether ``image``'s pixels cannot change behind its back: a read-only ndarray whose bases
+    (the arrays it views) are read-only ndarrays too, or immutable bytes."""
+    array = image
+    while isinstance(array, np.ndarray):
+        if array.flags.writeable:
+            return False
+        array = array.base
+    return array is None or isinstance(array, bytes)
 
 
 _WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, Tuple[List[torch.Tensor], tuple, str]]" = weakref.WeakKeyDictionary()
@@ -324,7 +361,9 @@ class FeatureStore:
             metas.append({"id": str(sample.get("id", "")), **description})
 
         def compute(indices: List[int]) -> List[Dict[str, torch.Tensor]]:
-            maps = matcher.similarity([images[i] for i in indices], [texts[i] for i in indices], out_hw)
+            # writable copies of read-only images (torch warns on tensors over read-only memory)
+            chunk = [images[i] if images[i].flags.writeable else images[i].copy() for i in indices]
+            maps = matcher.similarity(chunk, [texts[i] for i in indices], out_hw)
             if tuple(maps.shape) != (len(indices), 1, *out_hw):
                 raise ValueError(
                     f"{type(matcher).__qualname__}.similarity returned shape {tuple(maps.shape)}, "

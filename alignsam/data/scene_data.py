@@ -3,9 +3,18 @@
 Scene ``i`` of a split is ``render_scene(task, SPLIT_SEED_BASE[split] + i)``: train, val and test use
 disjoint seed ranges. Binary tasks yield one :class:`~alignsam.data.sample.Sample` per scene; the
 ``categories`` task yields one episode per (scene, category present), like PASCAL VOC.
+
+A scene is rendered once per dataset object, not once per epoch: training reads every few-shot
+scene each epoch, yet after the first one its SAM embedding and text map come from the feature
+cache, and what it still needs of the scene is the cache key (the image's digest, which
+:func:`~alignsam.data.features.image_digest` remembers for a read-only image object) and the ground
+truth. So :class:`SceneImages` keeps what it rendered (image and target, up to
+:data:`RENDERED_MEMO_BYTES`) and returns the same read-only image object each time, with a fresh
+copy of the target.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -17,6 +26,10 @@ from alignsam.data.files import DataConfigError
 from alignsam.data.sample import Sample
 from alignsam.data.scenes import CATEGORY_NAMES, SPLIT_SEED_BASE, TASK_TEXT, TASKS, SceneConfig, render_scene
 from alignsam.data.voc import VOCEpisodes
+
+# Rendered scenes a SceneImages keeps (least recently used dropped first): ~0.26 MB a 256 px scene,
+# so every scene of the bundled configs (50 train, 64 val, 200 test) fits many times over.
+RENDERED_MEMO_BYTES = 256 << 20
 
 
 class SceneImages(Dataset):
@@ -58,16 +71,34 @@ class SceneImages(Dataset):
         return len(self.seeds)
 
     def __getitem__(self, index: int) -> Dict:
-        seed = self.seeds[index]
-        scene = render_scene(self.task, seed, self.scene_config)
+        image, target = self._rendered(index)
         scene_id = self.ids[index]
         if self.task == "categories":
-            return {"image": scene.image, "label_map": scene.label_map(), "id": scene_id, "image_id": scene_id}
-        return Sample(image=scene.image, mask=scene.target(), text=self.text, id=scene_id, image_id=scene_id)
+            return {"image": image, "label_map": target.copy(), "id": scene_id, "image_id": scene_id}
+        return Sample(image=image, mask=target.copy(), text=self.text, id=scene_id, image_id=scene_id)
 
     def read_label_map(self, index: int) -> np.ndarray:
         """Class ids of scene ``index`` (``categories``): 0 background, 1.. ``CATEGORY_NAMES``."""
-        return render_scene(self.task, self.seeds[index], self.scene_config).label_map()
+        return self._rendered(index)[1].copy()
+
+    def _rendered(self, index: int):
+        """Scene ``index``'s read-only image and its target (mask, or label map for ``categories``),
+        rendered on first use and kept while they fit :data:`RENDERED_MEMO_BYTES`."""
+        memo: "OrderedDict[int, tuple]" = self.__dict__.setdefault("_memo", OrderedDict())
+        seed = self.seeds[index]
+        if seed in memo:
+            memo.move_to_end(seed)
+            return memo[seed]
+        scene = render_scene(self.task, seed, self.scene_config)
+        image = scene.image
+        image.flags.writeable = False  # shared by every call: image_digest remembers read-only images
+        target = scene.label_map() if self.task == "categories" else scene.target()
+        target.flags.writeable = False  # callers get copies
+        memo[seed] = (image, target)
+        size = image.nbytes + target.nbytes
+        while len(memo) > 1 and len(memo) * size > RENDERED_MEMO_BYTES:
+            memo.popitem(last=False)
+        return memo[seed]
 
 
 class SceneDataModule(_FewShotDataModule):

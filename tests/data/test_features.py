@@ -310,3 +310,54 @@ def test_text_maps_reject_a_matcher_with_the_wrong_output_shape(tmp_path):
 
     with pytest.raises(ValueError, match=r"Flat.similarity returned shape \(1, 12, 10\)"):
         FeatureStore(tmp_path).text_maps(Flat(), make_samples(1), (12, 10))
+
+
+def test_image_digest_is_remembered_for_read_only_arrays_only(monkeypatch):
+    """A cache hit on an image object hashed before reads no pixels, when the object is read-only
+    (its pixels cannot have changed); writable arrays, and views of writable ones, are hashed each time."""
+    from alignsam.data import features
+
+    hashed = []
+    sha256 = features.hashlib.sha256
+    monkeypatch.setattr(features.hashlib, "sha256", lambda data=b"": hashed.append(1) or sha256(data))
+    image = np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    expected = features.image_digest(image)
+    assert features.image_digest(image.copy()) == expected and len(hashed) == 2  # writable: hashed each time
+
+    frozen = image.copy()
+    frozen.flags.writeable = False
+    hashed.clear()
+    assert features.image_digest(frozen) == expected
+    assert features.image_digest(frozen) == expected
+    assert len(hashed) == 1  # the second call read no pixels
+
+    base = image.copy()
+    view = base[:, :]
+    view.flags.writeable = False  # read-only view of a writable array: base[...] = ... would change it
+    hashed.clear()
+    features.image_digest(view)
+    features.image_digest(view)
+    assert len(hashed) == 2
+
+    copy_key = id(frozen)
+    del frozen  # a dead array's id is forgotten (another object may get it)
+    assert copy_key not in features._IMAGE_DIGESTS
+
+
+def test_cached_embeddings_of_a_scene_dataset_hash_each_image_once(tmp_path, segmenter, monkeypatch):
+    from alignsam.data import features
+    from alignsam.data.scene_data import SceneImages
+
+    store = FeatureStore(tmp_path / "cache", fsync=False)
+    samples = SceneImages("saliency", range(3))
+    store.embeddings(segmenter, [samples[i] for i in range(3)])  # miss: embed and write
+    pixel_hashes = []  # image_digest starts each pixel hash with the dtype and shape, e.g. b"|u1(256, 256, 3)"
+    sha256 = features.hashlib.sha256
+    monkeypatch.setattr(features.hashlib, "sha256",
+                        lambda data=b"": (pixel_hashes.append(1) if data.startswith(b"|u1(") else None) or sha256(data))
+    hits = store.stats.hits
+    again = store.embeddings(segmenter, [samples[i] for i in range(3)])
+    assert store.stats.hits == hits + 3 and again.embeddings.shape[0] == 3
+    assert pixel_hashes == []  # the three images were hashed when the entries were written, not again
+    store.embeddings(segmenter, [dict(samples[0], image=samples[0]["image"].copy())])
+    assert pixel_hashes == [1]  # a writable copy is hashed

@@ -124,3 +124,41 @@ def test_targets_are_placed_off_centre(task, most):
     gave 0.30 for saliency and 0.73 for glass; large panes still cover the centre sometimes)."""
     hits = [render_scene(task, seed).target()[128, 128] for seed in range(30)]
     assert np.mean(hits) <= most
+
+
+def test_scenes_are_rendered_once_and_shared_read_only(monkeypatch):
+    """A scene is rendered on first use; later reads return the same read-only image object (whose
+    digest the feature cache remembers) and a fresh, writable copy of the target."""
+    from alignsam.data import scene_data
+
+    renders = []
+    render = scene_data.render_scene
+    monkeypatch.setattr(scene_data, "render_scene", lambda *a: renders.append(a[1]) or render(*a))
+    seeds = [SPLIT_SEED_BASE["train"] + i for i in range(3)]
+    ds = SceneImages("shadow", seeds)
+    first = [ds[i] for i in range(3)]
+    second = [ds[i] for i in range(3)]
+    assert renders == seeds
+    for a, b, seed in zip(first, second, seeds):
+        assert a["image"] is b["image"] and not a["image"].flags.writeable
+        assert a["mask"] is not b["mask"] and a["mask"].flags.writeable
+        scene = render("shadow", seed)
+        assert np.array_equal(a["image"], scene.image) and np.array_equal(b["mask"], scene.target())
+        check_sample(b)
+    b["mask"][:] = True  # a caller's change stays its own
+    assert np.array_equal(ds[2]["mask"], render("shadow", seeds[2]).target())
+
+    categories = SceneImages("categories", seeds[:1])
+    assert np.array_equal(categories.read_label_map(0), render("categories", seeds[0]).label_map())
+    assert categories[0]["image"] is categories[0]["image"]
+
+
+def test_rendered_scenes_kept_are_bounded(monkeypatch):
+    from alignsam.data import scene_data
+
+    monkeypatch.setattr(scene_data, "RENDERED_MEMO_BYTES", 3 * (256 * 256 * 3 + 256 * 256))
+    ds = SceneImages("blur", range(5))
+    images = [ds[i]["image"] for i in range(5)]
+    assert len(ds._memo) == 3 and list(ds._memo) == [2, 3, 4]  # least recently used dropped
+    assert ds[4]["image"] is images[4] and ds[0]["image"] is not images[0]
+    assert np.array_equal(ds[0]["image"], images[0])
