@@ -29,7 +29,7 @@ benchmark: $(STAMP)
 
 # The drill (issue 12): every real task config (conf/*.yaml) through train.py, evaluate.py and
 # evaluate.py predict, on ViT-B stand-in checkpoints (random weights, official formats) and tiny
-# trees in the real dataset layouts; ~25 min on a 2-core CPU. On a GPU:
+# trees in the real dataset layouts; 20-35 min on the shared 2-core CPU. On a GPU:
 # ALIGNSAM_DRILL_ACCELERATOR=gpu make drill. Extra pytest options: DRILL_ARGS="-s -k voc".
 drill: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/drill $(DRILL_ARGS)

@@ -20,7 +20,8 @@ the first and last lines of its error; every step's full output is in ``<tmp>/<s
 ``train`` the steps are independent: one that fails does not stop the others, and the test reports
 them all.
 
-Run it (about 25 min on a 2-core CPU; a ViT-B image encode takes ~19 s there)::
+Run it (measured on the shared 2-core CPU: 20 min for the five configs, 34 min with the SAM 2 drill
+and other jobs loading the machine; per config 1.5-8 min, most of it ViT-B image encodes)::
 
     make drill                                   # = pytest -q -m slow tests/drill, on the CPU
     ALIGNSAM_DRILL_ACCELERATOR=gpu make drill    # the same on a GPU (one command)
