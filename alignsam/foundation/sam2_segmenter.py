@@ -200,6 +200,11 @@ class Sam2Segmenter(Segmenter):
         return EmbeddedImages(self.pack(feats[-1], feats[:-1]), original_hw, input_hw)
 
     # -- prompt side ---------------------------------------------------------------------------
+    def image_side(self, embeddings: torch.Tensor) -> None:
+        """Nothing to reuse over an episode: SAM's image-side cache (:class:`DecoderImageSide`) is
+        built for segment-anything's decoder; SAM 2's decodes each step in full (same results)."""
+        return None
+
     def decode_with_grad(
         self,
         embeddings: torch.Tensor,

@@ -309,6 +309,22 @@ def test_padded_rows_match_predictor_on_their_own_clicks(sam2_t, packed, with_ma
         assert max_abs_diff(f"row {row} iou", iou[row], ref_iou) < TOLERANCE
 
 
+def test_decode_chunks_do_not_change_rows_and_nothing_is_reused(sam2_t, packed):
+    """Segmenter.decode's CPU chunks run over SAM 2's decoder row-independently; SAM's image-side
+    reuse (Segmenter.image_side) does not apply to SAM 2's decoder."""
+    points, labels = torch.full((len(IMAGE_HW), 2, 2), 300.0), torch.tensor([[1, 0]] * len(IMAGE_HW))
+    before = sam2_t.decode_chunk
+    try:
+        sam2_t.decode_chunk = 0
+        whole = sam2_t.decode(packed, points, labels)
+        sam2_t.decode_chunk = 1
+        chunked = sam2_t.decode(packed, points, labels)
+    finally:
+        sam2_t.decode_chunk = before
+    assert max_abs_diff("chunks of 1 vs one call", chunked[0], whole[0]) < TOLERANCE
+    assert sam2_t.image_side(packed) is None
+
+
 def test_decode_accepts_half_precision_embeddings(sam2_t, packed):
     """What the cache stores (fp16) decodes as its float32 value."""
     points = torch.full((len(IMAGE_HW), 1, 2), 500.0)
