@@ -311,8 +311,10 @@ class Segmenter(nn.Module):
         :meth:`decode` (``image_side=``) to reuse over an episode's decodes; None where there is
         nothing to reuse (``attention="eager"``, another decoder, more than
         :data:`IMAGE_SIDE_BYTES`)."""
+        if self.attention == "eager" or not self._own_decoder():  # checked first: another family has no mask_decoder
+            return None
         transformer = self.sam.mask_decoder.transformer
-        if self.attention == "eager" or not self._own_decoder() or not _is_sam_two_way_transformer(transformer):
+        if not _is_sam_two_way_transformer(transformer):
             return None
         b, c, h, w = embeddings.shape
         inner = transformer.layers[0].cross_attn_token_to_image.internal_dim
