@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the optional SAM 2 family (docs/sam2.md): an sdist built against the installed torch, no CUDA extension
+install-sam2: $(STAMP)
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --no-build-isolation -e ".[sam2]"
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
