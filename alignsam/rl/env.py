@@ -1,6 +1,6 @@
 """The prompting environment: B episodes at once over cached SAM embeddings.
 
-An episode (``method.md``, "Episode"): initial prompts P_0 (the SRM's most and least confident
+An episode (``docs/method.md``, "The episode"): initial prompts P_0 (the SRM's most and least confident
 points, or none), then T steps of: the agent picks one patch of the ``G x G`` action grid, the SRM
 (or the ground truth) labels the click, SAM re-segments with every click so far, and the new mask
 feeds the next state ``s_t = E * m(M_{t-1})``.
@@ -45,7 +45,7 @@ ALL_ONES_LOGIT = 10.0  # the "everything" mask M_0 of init_prompts: none (sigmoi
 
 @dataclass
 class EnvConfig:
-    """The prompting environment's knobs (``model.env.*``; defaults from ``method.md``).
+    """The prompting environment's knobs (``model.env.*``; defaults from ``docs/method.md``).
 
     Args:
         steps: T, clicks the agent makes per episode (paper 15).
