@@ -123,9 +123,9 @@ class Agent(nn.Module):
         super().__init__()
         segmenter, env, policy = as_config(SegmenterConfig, segmenter), as_config(EnvConfig, env), as_config(PolicyConfig, policy)
         srm, ppo = as_config(SRMConfig, srm), as_config(PPOConfig, ppo)
-        explicit = policy.variant == "explicit" or srm.branch == "explicit"
+        explicit = policy.variant == "explicit" or srm.variant == "explicit"
         if explicit and matcher is None:
-            raise ValueError("model.matcher is required when model.policy.variant or model.srm.branch is 'explicit'")
+            raise ValueError("model.matcher is required when model.policy.variant or model.srm.variant is 'explicit'")
         if num_classes is None:
             num_classes = task_record(task).num_classes  # an unknown task fails here, naming model.task
         self.task, self.num_classes, self.seed = task, num_classes, seed
@@ -138,7 +138,7 @@ class Agent(nn.Module):
         self.policy = ActorCritic(channels, policy)
         self.srm = SemanticRecalibration(channels, srm)
         self.policy_text = policy.variant == "explicit"
-        self.srm_text = srm.branch == "explicit"
+        self.srm_text = srm.variant == "explicit"
         self.store = FeatureStore(feature_cache)
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -4,7 +4,7 @@ The SRM labels every click of the agent (positive when its foreground probabilit
 ``>= threshold``) and seeds the initial prompts P_0 (its most and least confident cells). It is
 trained with its own optimiser on Dice + BCE against the ground truth resized to its grid.
 
-Two branches (``SRMConfig.branch``; only the chosen one is built):
+Two variants (``SRMConfig.variant``; only the chosen one is built):
 
 * ``explicit``: s_t and s_c = E * M_c are merged by three conv layers, one multi-head self-attention
   layer runs on a downsampled ``attention_grid x attention_grid`` token grid (cheap at 64 x 64), its
@@ -23,8 +23,11 @@ import torch.nn.functional as F
 from alignsam.errors import ConfigError, check_range
 from alignsam.losses import bce_loss, dice_loss
 
-Branch = Literal["implicit", "explicit"]  # the same two values as the policy's variant
-BRANCHES = get_args(Branch)
+# Whether a network also sees the text state s_c: one name for the policy and the SRM
+# (``model.policy.variant``, ``model.srm.variant``).
+Variant = Literal["implicit", "explicit"]
+VARIANTS = get_args(Variant)
+BRANCHES = VARIANTS  # the SRM's former name for them
 
 # Logit given to cells outside ``valid`` in :func:`srm_loss`: sigmoid is exactly 0 and the BCE
 # against a 0 target is exactly 0, so those cells drop out of both sums (finite, so fp16-safe).
@@ -36,8 +39,8 @@ class SRMConfig:
     """SRM hyperparameters (the YAML key is ``srm``).
 
     Attributes:
-        branch: ``"implicit"`` (s_t only; paper's choice for blur, glass, saliency) or
-            ``"explicit"`` (s_t and the text state s_c; shadow and VOC).
+        variant: ``"implicit"`` (s_t only; paper's choice for blur, glass, saliency) or
+            ``"explicit"`` (s_t and the text state s_c; shadow and VOC), as for the policy.
         hidden: channels of the SRM's features.
         attention_grid: side of the token grid the explicit branch's self-attention runs on (the
             features are average-pooled to it, so attention costs ``attention_grid**4``, not
@@ -48,6 +51,8 @@ class SRMConfig:
         dice_weight: weight of the Dice term of :func:`srm_loss`.
         bce_weight: weight of the BCE term of :func:`srm_loss`.
         lr: learning rate of the SRM's own Adam (separate from the policy's optimiser).
+        branch: the former name of ``variant``, read from configs and checkpoints written before
+            the two networks shared one name; folded into ``variant`` (and reset to None).
 
     Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.srm.<field>``:
     threshold in [0, 1] (a probability: above 1 every click would be labelled negative),
@@ -55,7 +60,7 @@ class SRMConfig:
     >= 0 and not both 0, lr > 0.
     """
 
-    branch: Branch = "implicit"
+    variant: Variant = "implicit"
     hidden: int = 64
     attention_grid: int = 8
     heads: int = 4
@@ -64,10 +69,18 @@ class SRMConfig:
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     lr: float = 1e-4
+    branch: Optional[Variant] = None
 
     def __post_init__(self) -> None:
-        if self.branch not in BRANCHES:
-            raise ConfigError("model.srm.branch", f"{self.branch!r} is not one of {', '.join(BRANCHES)}")
+        if self.branch is not None:
+            if self.branch not in VARIANTS:
+                raise ConfigError("model.srm.branch", f"{self.branch!r} is not one of {', '.join(VARIANTS)}")
+            if self.variant != "implicit" and self.variant != self.branch:
+                raise ConfigError("model.srm.branch", f"{self.branch!r} contradicts model.srm.variant {self.variant!r}; "
+                                  f"set only model.srm.variant (branch is its former name)")
+            self.variant, self.branch = self.branch, None
+        if self.variant not in VARIANTS:
+            raise ConfigError("model.srm.variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
         for key in ("hidden", "attention_grid", "heads", "groups"):
             check_range(f"model.srm.{key}", getattr(self, key), 1)
         check_range("model.srm.threshold", self.threshold, 0.0, 1.0)
@@ -145,7 +158,7 @@ class SemanticRecalibration(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.explicit = config.branch == "explicit"
+        self.explicit = config.variant == "explicit"
         if norm_layer is None:
             norm_layer = lambda channels: nn.GroupNorm(config.groups, channels)  # noqa: E731
         hidden = config.hidden
@@ -184,7 +197,7 @@ class SemanticRecalibration(nn.Module):
             x = torch.cat([state, text_state], dim=1)
         else:
             if text_state is not None:
-                raise ValueError("the implicit SRM branch takes no text_state; use branch='explicit' to feed s_c")
+                raise ValueError("the implicit SRM branch takes no text_state; use variant='explicit' to feed s_c")
             x = state
         return self.head(self.attention(self.body(x)))
 

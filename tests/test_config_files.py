@@ -151,7 +151,7 @@ def test_a_base_cannot_interpolate_a_key_its_task_file_sets(tmp_path, wired):
     (tmp_path / "_base.yaml").write_text(f"base_config: {CONF / 'scenes' / '_base.yaml'}\n"
                                          "trainer:\n  logger:\n    init_args:\n      name: ${model.task}\n")
     (tmp_path / "task.yaml").write_text("base_config: _base.yaml\nmodel:\n  task: glass\n"
-                                        "  policy: {variant: implicit}\n  srm: {branch: implicit}\n  matcher: null\n")
+                                        "  policy: {variant: implicit}\n  srm: {variant: implicit}\n  matcher: null\n")
     with pytest.raises(Exception, match="model.task"):
         print_config(["--config", str(tmp_path / "task.yaml")])
 

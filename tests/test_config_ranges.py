@@ -32,7 +32,7 @@ CASES = [
     (PolicyConfig, "policy", "blocks", -1, 0),
     (PolicyConfig, "policy", "groups", 0, 4),
     (PolicyConfig, "policy", "value_hidden", 0, 8),
-    (SRMConfig, "srm", "branch", "both", "explicit"),
+    (SRMConfig, "srm", "variant", "both", "explicit"),
     (SRMConfig, "srm", "hidden", 0, 32),
     (SRMConfig, "srm", "attention_grid", 0, 4),
     (SRMConfig, "srm", "heads", 0, 2),
@@ -70,7 +70,8 @@ def test_model_config_rejects_out_of_range_values_naming_the_key(cls, prefix, fi
 @pytest.mark.parametrize("cls, field, bad, allowed", [
     (EnvConfig, "reward", "dice", ("target", "iou_gain", "target+iou")),
     (PolicyConfig, "variant", "textual", ("implicit", "explicit")),
-    (SRMConfig, "branch", "both", ("implicit", "explicit")),
+    (SRMConfig, "variant", "both", ("implicit", "explicit")),
+    (SRMConfig, "branch", "both", ("implicit", "explicit")),  # the former name, still read
 ])
 def test_option_strings_list_the_valid_values(cls, field, bad, allowed):
     with pytest.raises(ConfigError) as err:
@@ -154,3 +155,12 @@ def test_nan_is_refused_naming_the_key(cls, field):
     """NaN passes every comparison, so a range check alone would let it through."""
     with pytest.raises(ConfigError, match=f"{field}: is NaN"):
         cls(**{field: float("nan")})
+
+
+def test_the_srm_variant_has_the_policys_name_and_reads_its_former_one():
+    """``model.srm.branch`` (configs and checkpoints written before the rename) becomes ``variant``."""
+    assert SRMConfig(branch="explicit").variant == "explicit" and SRMConfig(branch="explicit").branch is None
+    assert SRMConfig(variant="explicit", branch="explicit").variant == "explicit"
+    with pytest.raises(ConfigError, match="model.srm.branch: 'implicit' contradicts model.srm.variant"):
+        SRMConfig(variant="explicit", branch="implicit")
+

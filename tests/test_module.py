@@ -40,7 +40,7 @@ def tiny_model(task: str, cache: Path, seed: int = 0) -> AlignSAM:
     matcher = yaml.safe_load(MATCHER_TINY.read_text()) if explicit else None
     return AlignSAM(
         task=task, segmenter=SegmenterConfig(name="tiny", checkpoint=str(TINY_SAM)),
-        env=EnvConfig(steps=2, grid=4), policy=PolicyConfig(variant=variant), srm=SRMConfig(branch=variant),
+        env=EnvConfig(steps=2, grid=4), policy=PolicyConfig(variant=variant), srm=SRMConfig(variant=variant),
         ppo=PPOConfig(epochs=2), matcher=matcher, feature_cache=str(cache), seed=seed,
     )
 

@@ -148,7 +148,7 @@ def compact_table(table: Table, task: str, title: str = ""):
 
     names = compact_columns(table, task)
     out = RichTable(title=title or None, title_justify="left")
-    out.add_column("strategy")
+    out.add_column("strategy", no_wrap=True)
     for name in names:
         header = {"noc@85": "NoC@85 (fail)", "episodes": "episodes"}.get(name, name)
         if name not in ("noc@85", "episodes"):

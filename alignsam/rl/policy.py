@@ -20,15 +20,13 @@ the image border behaves like a zero-padded frame edge for the 3x3 convolutions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Tuple, get_args
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from alignsam.errors import ConfigError, check_range
-
-Variant = Literal["implicit", "explicit"]  # the same two values as the SRM's branch
-VARIANTS = get_args(Variant)
+from alignsam.srm import VARIANTS, Variant  # one name for the policy's and the SRM's variants
 
 
 @dataclass

@@ -391,7 +391,7 @@ def test_two_process_ddp_fit_each_rank_computes_its_shard_and_reads_all(tmp_path
     L.seed_everything(0)
     model = AlignSAM(task="saliency", segmenter=SegmenterConfig(name="tiny", checkpoint=str(TINY_SAM)),
                      env=EnvConfig(steps=2, grid=4), policy=PolicyConfig(variant="implicit"),
-                     srm=SRMConfig(branch="implicit"), ppo=PPOConfig(epochs=2), feature_cache=str(tmp_path / "cache"))
+                     srm=SRMConfig(variant="implicit"), ppo=PPOConfig(epochs=2), feature_cache=str(tmp_path / "cache"))
     data = SceneDataModule(task="saliency", train_pool=20, train_size=4, val_size=2, test_size=2, batch_size=2)
     trainer = L.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true",
                         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
