@@ -216,7 +216,7 @@ def benchmark_model(name: str, args, device: torch.device, cache: str) -> List[d
     rows = []
     agent = Agent("saliency", SegmenterConfig(name=name, checkpoint=CHECKPOINTS[name]),
                   env=EnvConfig(steps=max(args.steps), grid=args.grid), policy=PolicyConfig(variant="implicit"),
-                  srm=SRMConfig(branch="implicit"), feature_cache=cache, seed=args.seed)
+                  srm=SRMConfig(branch="implicit"), feature_cache=cache, seed=args.seed)  # branch: older checkouts' name
     agent = agent.to(device).eval()
     for batch in args.batch_sizes:
         make = tiny_episodes if name == "tiny" else random_episodes

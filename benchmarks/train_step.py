@@ -152,6 +152,7 @@ def build_module(args, cache: str):
     return AlignSAM(
         task=args.task, segmenter=SegmenterConfig(name="tiny", checkpoint=str(ROOT / "checkpoints" / "tiny_sam.pt")),
         env=EnvConfig(steps=args.steps, grid=10), policy=PolicyConfig(variant=variant),
+        # srm branch=: the name that older --compare checkouts know too (now folded into variant)
         srm=SRMConfig(branch=variant, lr=1e-3), ppo=PPOConfig(**ppo), matcher=matcher, feature_cache=cache,
         seed=args.seed,
     )

@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from alignsam.data.scene_data import SceneImages
@@ -35,7 +34,7 @@ def tiny_module(tmp_path: Path, epochs: int = 3, precision: str = "fp32") -> Ali
     torch.manual_seed(0)
     return AlignSAM(
         task="saliency", segmenter=SegmenterConfig(name="tiny", checkpoint=str(TINY_SAM)),
-        env=EnvConfig(steps=3, grid=4), policy=PolicyConfig(variant="implicit"), srm=SRMConfig(branch="implicit"),
+        env=EnvConfig(steps=3, grid=4), policy=PolicyConfig(variant="implicit"), srm=SRMConfig(variant="implicit"),
         ppo=PPOConfig(epochs=epochs, minibatch_size=5, precision=precision), feature_cache=str(tmp_path / "cache"),
     )
 
