@@ -28,6 +28,7 @@ gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -43,9 +44,13 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(precision: str, device: torch.device):
-    """The autocast context of ``precision`` on ``device``: bfloat16 for ``bf16``; for ``fp32`` an
-    autocast that is off (so float32 also inside ``Trainer(precision="bf16-mixed")``)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The autocast context of ``precision`` on ``device``: bfloat16 autocast for ``bf16``; none of
+    its own for ``fp32`` (an enclosing one, e.g. ``Trainer(precision="bf16-mixed")``, still applies
+    to the policy and the SRM, as before ``model.ppo.precision`` existed; SAM's decode is float32
+    either way)."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def network_input(precision: str, tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -358,5 +358,8 @@ def test_precision_is_checked_and_casts_only_for_bf16():
     assert network_input("bf16", torch.ones(2, dtype=torch.long)).dtype == torch.long
     with autocast("bf16", torch.device("cpu")):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
-        with autocast("fp32", torch.device("cpu")):  # fp32 turns an enclosing autocast off
-            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with autocast("fp32", torch.device("cpu")):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast("fp32", torch.device("cpu")):
+        # fp32 adds no autocast of its own: a Trainer's bf16-mixed still reaches the networks
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
