@@ -265,7 +265,8 @@ class EvaluateCLI(AlignSAMCLI):
         md, csv_path = write_tables(out_dir, "test", model.test_table, model.hparams.task, env.steps, header)
         self._log_to_tensorboard(out_dir, md.read_text())
         task = model.hparams.task
-        console = Console(width=max(100, Console().width))
+        # a terminal wraps the table to its width; a log file or pipe gets it whole, one line per row
+        console = Console(width=None if sys.stdout.isatty() else 200)
         console.print(compact_table(model.test_table, task, f"{task}, {split} split, T = {env.steps} clicks ({seeds}T)"))
         for note in coverage_notes(model.test_table, task):
             console.print(note, markup=False)

@@ -153,7 +153,7 @@ def compact_table(table: Table, task: str, title: str = ""):
         header = {"noc@85": "NoC@85 (fail)", "episodes": "episodes"}.get(name, name)
         if name not in ("noc@85", "episodes"):
             header += " ↓" if name in LOWER_IS_BETTER else " ↑"
-        out.add_column(header, justify="right")
+        out.add_column(header, justify="right", no_wrap=True)
     for strategy, row in table.items():
         cells = []
         for name in names:
