@@ -40,7 +40,7 @@ from alignsam.foundation.segmenter import (
     Segmenter,
     SegmenterBuilder,
     _real_clicks,
-    file_fingerprint,
+    load_weights,
     read_checkpoint_file,
 )
 from alignsam.geometry import SquashedSquare
@@ -309,16 +309,7 @@ def sam2_builder(name: str) -> SegmenterBuilder:
         # read the file before building: a missing checkpoint is reported before a large model is built
         state = None if checkpoint is None else read_sam2_state(checkpoint, name)
         model = build_sam2_model(name)
-        fingerprint = "random-init"
-        if state is not None:
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as err:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint} does not fit SAM 2 '{name}' "
-                    f"(expected {SAM2_MODELS[name][1]}): {str(err)[:300]}"
-                ) from err
-            fingerprint = file_fingerprint(checkpoint)
+        fingerprint = load_weights(model, state, checkpoint, f"SAM 2 '{name}'", SAM2_MODELS[name][1])
         return Sam2Segmenter(model, name=name, fingerprint=fingerprint)
 
     return build

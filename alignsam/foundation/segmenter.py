@@ -773,6 +773,19 @@ def _remember_digest(path: Path, version: Tuple[str, int, int, int], digest: str
         pass  # read-only home or cache dir: the digest is simply recomputed next run
 
 
+def load_weights(model: nn.Module, state: Optional[dict], checkpoint: Optional[str], what: str, expected: str) -> str:
+    """Load ``state`` (read from ``checkpoint``) into ``model`` strictly -> the weights fingerprint of
+    the feature cache (``"random-init"`` when ``state`` is None). A state that does not fit is one
+    :class:`CheckpointError` naming the file, the model (``what``) and the file name ``expected``."""
+    if state is None:
+        return "random-init"
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit {what} (expected {expected}): {str(err)[:300]}") from err
+    return file_fingerprint(checkpoint)
+
+
 def official_builder(name: str) -> SegmenterBuilder:
     """The builder of segment-anything's ``name`` (``vit_b``, ``vit_l``, ``vit_h``) from its official file."""
 
@@ -782,16 +795,7 @@ def official_builder(name: str) -> SegmenterBuilder:
         # read the file first: a missing checkpoint is reported before a large model is built
         state = None if checkpoint is None else load_state_dict_file(checkpoint, OFFICIAL_CHECKPOINTS[name], DOWNLOAD_PAGE)
         sam = sam_model_registry[name](checkpoint=None)
-        fingerprint = "random-init"
-        if state is not None:
-            try:
-                sam.load_state_dict(state)
-            except RuntimeError as err:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint} does not fit SAM '{name}' "
-                    f"(expected {OFFICIAL_CHECKPOINTS[name]}): {str(err)[:300]}"
-                ) from err
-            fingerprint = file_fingerprint(checkpoint)
+        fingerprint = load_weights(sam, state, checkpoint, f"SAM '{name}'", OFFICIAL_CHECKPOINTS[name])
         return Segmenter(sam, name=name, fingerprint=fingerprint)
 
     return build
