@@ -25,7 +25,7 @@ statistics read back as Python floats), the current one in float32, and the curr
 (256 x 64 x 64; random embeddings, the encoder never runs).
 
     python benchmarks/train_step.py --threads 1
-    python benchmarks/train_step.py --threads 1 --compare /tmp/alignsam-before --rounds 3
+    python benchmarks/train_step.py --threads 1 --compare ../alignsam-before --rounds 3
     python benchmarks/train_step.py --threads 1 --precision bf16      # model.ppo.precision
     python benchmarks/train_step.py --device cuda --batch-size 64
     python benchmarks/train_step.py --update-profile --device cuda --segmenter vit_b --batch-size 64
