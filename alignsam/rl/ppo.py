@@ -29,6 +29,7 @@ gradient.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,16 +40,38 @@ from alignsam.errors import ConfigError, check_range
 # Log-probability given to invalid actions (clamped to the dtype's range, e.g. for float16).
 # exp() of it is exactly 0, yet it is finite, so sums and products with it stay NaN-free.
 INVALID_LOG_PROB = -1e8
-# model.ppo.precision: what the policy and the SRM compute in while training.
-PRECISIONS = ("fp32", "bf16")
+# model.ppo.precision: what the policy and the SRM compute in while training; "auto" (the default)
+# is bf16 where the device has native bfloat16 arithmetic and fp32 elsewhere (resolved_precision).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` ("cpu", "cuda", ...) runs bfloat16 matmuls and convolutions natively:
+    a CUDA GPU that supports bf16 without emulation (Ampere and later), a CPU with AMX or AVX512-BF16
+    (where bf16 autocast made the PPO update 2x faster, docs/performance.md). Elsewhere (older
+    CPUs, other accelerators) bf16 would be emulated and slower, so ``auto`` keeps float32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+        return any(probe is not None and probe() for probe in probes)
+    return False
+
+
+def resolved_precision(precision: str, device: torch.device | str) -> str:
+    """``precision`` with ``auto`` replaced by what it means on ``device``: ``bf16`` or ``fp32``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if _native_bf16(torch.device(device).type) else "fp32"
 
 
 def autocast(precision: str, device: torch.device):
-    """The autocast context of ``precision`` on ``device``: bfloat16 autocast for ``bf16``; none of
-    its own for ``fp32`` (an enclosing one, e.g. ``Trainer(precision="bf16-mixed")``, still applies
-    to the policy and the SRM, as before ``model.ppo.precision`` existed; SAM's decode is float32
-    either way)."""
-    if precision == "bf16":
+    """The autocast context of ``precision`` on ``device``: bfloat16 autocast for ``bf16`` (and
+    ``auto`` on a device with native bfloat16); none of its own for ``fp32`` (an enclosing one,
+    e.g. ``Trainer(precision="bf16-mixed")``, still applies to the policy and the SRM, as before
+    ``model.ppo.precision`` existed; SAM's decode is float32 either way)."""
+    if resolved_precision(precision, device) == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -57,7 +80,7 @@ def network_input(precision: str, tensor: torch.Tensor | None) -> torch.Tensor |
     """``tensor`` in the dtype the networks read under ``precision``: bfloat16 for ``bf16`` (the
     embeddings, masks and patch weights are cast once per rollout or update, not in every layer,
     and the states ``E * m`` are formed in bfloat16), unchanged for ``fp32``; None stays None."""
-    if tensor is None or precision != "bf16" or not tensor.is_floating_point():
+    if tensor is None or not tensor.is_floating_point() or resolved_precision(precision, tensor.device) != "bf16":
         return tensor
     return tensor.to(torch.bfloat16)
 
@@ -82,10 +105,12 @@ class PPOConfig:
         normalize_advantages: normalise advantages to mean 0, std 1 within each minibatch (True).
         clip_value_loss: also clip the value prediction to ``old_value +- clip`` and take the larger
             of the clipped and unclipped squared errors (off by default).
-        precision: ``fp32`` (default) or ``bf16``: the policy and the SRM run under bfloat16
-            autocast in the training rollout, the PPO update and the SRM update (forward and
-            backward; weights, optimiser state, losses and SAM's decode stay float32). About 1.8x
-            faster updates on CPUs with AMX and on recent GPUs; docs/performance.md.
+        precision: ``auto`` (default), ``fp32`` or ``bf16``: with ``bf16`` the policy and the SRM
+            run under bfloat16 autocast in the training rollout, the PPO update and the SRM update
+            (forward and backward; weights, optimiser state, losses and SAM's decode stay float32;
+            evaluation is float32 whatever the setting). About 2x faster updates on CPUs with AMX
+            and on recent GPUs; docs/performance.md. ``auto`` is ``bf16`` on such devices and
+            ``fp32`` elsewhere (:func:`resolved_precision`).
 
     Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.ppo.<field>``:
     gamma and gae_lambda in [0, 1], epochs and minibatch_size >= 1, clip, max_grad_norm, lr and
@@ -104,7 +129,7 @@ class PPOConfig:
     adam_eps: float = 1e-5
     normalize_advantages: bool = True
     clip_value_loss: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
