@@ -14,6 +14,12 @@ Both draw their actions from generators in the same state and in the same order 
 episode by episode), so they take the same actions and must produce the same masks: the check
 printed under the table compares the actions, the rewards, the final low-res logits and masks.
 
+(c) ``Agent.rollout`` as training runs it, at ``model.ppo.precision`` (``--precision``, default
+``auto``: bf16 where the device has native bfloat16, see ``alignsam.rl.ppo.resolved_precision``):
+the policy and the SRM in bfloat16, SAM's decode in float32. Its actions are not bit-equal to
+(a)'s (the policy's logits differ in the last bits); the check prints how many agree. When the
+precision resolves to fp32, (c) is (b) and is not timed twice.
+
 Models: the tiny SAM (``checkpoints/tiny_sam.pt``, on rendered bundled-world scenes) and the ViT-B
 architecture with random weights (``segment_anything.sam_model_registry['vit_b'](checkpoint=None)``;
 its encoder never runs: random embeddings stand for cached ones, random ellipses for the ground
@@ -24,6 +30,7 @@ the median rates and the median of the per-pass ratios (both sides of a ratio sa
     python benchmarks/rollout.py --threads 1
     python benchmarks/rollout.py --models vit_b --batch-sizes 8 32 --steps 5
     python benchmarks/rollout.py --device cuda --models vit_b --batch-sizes 64 128
+    python benchmarks/rollout.py --precision fp32      # (b) and (a) only
 """
 from __future__ import annotations
 
@@ -63,6 +70,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=ppo.PRECISIONS,
+                        help="model.ppo.precision of the training-precision rollout (c); default: auto")
     return parser.parse_args(argv)
 
 
@@ -160,9 +169,15 @@ def naive_rollout(agent: Agent, singles: List[Episodes], predictors: List[Predic
             "final_logits": torch.cat([env.logits.cpu() for env in envs])}
 
 
-def project_rollout(agent: Agent, episodes: Episodes, steps: int) -> Dict[str, torch.Tensor]:
-    """(b): ``Agent.rollout`` as training calls it."""
-    rollout = agent.rollout(episodes, training=True, greedy=False, steps=steps)
+def project_rollout(agent: Agent, episodes: Episodes, steps: int, precision: str = "fp32") -> Dict[str, torch.Tensor]:
+    """(b), or (c) with ``precision``: ``Agent.rollout`` as training calls it, the policy and the
+    SRM at ``model.ppo.precision = precision``."""
+    configured = agent.ppo_config.precision
+    agent.ppo_config.precision = precision
+    try:
+        rollout = agent.rollout(episodes, training=True, greedy=False, steps=steps)
+    finally:
+        agent.ppo_config.precision = configured
     return {"actions": rollout.actions.cpu(), "rewards": rollout.rewards.cpu(), "log_probs": rollout.log_probs.cpu(),
             "final_logits": rollout.final_logits.cpu(), "points": rollout.points, "labels": rollout.point_labels}
 
@@ -216,8 +231,9 @@ def benchmark_model(name: str, args, device: torch.device, cache: str) -> List[d
     rows = []
     agent = Agent("saliency", SegmenterConfig(name=name, checkpoint=CHECKPOINTS[name]),
                   env=EnvConfig(steps=max(args.steps), grid=args.grid), policy=PolicyConfig(variant="implicit"),
-                  srm=SRMConfig(branch="implicit"), feature_cache=cache, seed=args.seed)  # branch: older checkouts' name
+                  srm=SRMConfig(branch="implicit"), ppo=ppo.PPOConfig(precision="fp32"), feature_cache=cache, seed=args.seed)  # branch: older checkouts' name
     agent = agent.to(device).eval()
+    training_precision = ppo.resolved_precision(args.precision, device)
     for batch in args.batch_sizes:
         make = tiny_episodes if name == "tiny" else random_episodes
         embedded, gts = make(agent, batch, args.seed)
@@ -236,21 +252,37 @@ def benchmark_model(name: str, args, device: torch.device, cache: str) -> List[d
                 agent.generator.manual_seed(args.seed)
                 outputs["ours"] = project_rollout(agent, episodes, steps)
 
-            times = alternating_seconds({"naive": run_naive, "ours": run_ours}, args.warmup, args.repeats, device)
+            def run_training_precision():
+                agent.generator.manual_seed(args.seed)
+                outputs["train"] = project_rollout(agent, episodes, steps, training_precision)
+
+            runs = {"naive": run_naive, "ours": run_ours}
+            if training_precision != "fp32":
+                runs["train"] = run_training_precision
+            times = alternating_seconds(runs, args.warmup, args.repeats, device)
+            times.setdefault("train", times["ours"])
+            outputs.setdefault("train", outputs["ours"])
             rate = {k: batch * steps / statistics.median(v) for k, v in times.items()}
             ratio = statistics.median(a / b for a, b in zip(times["naive"], times["ours"]))
+            train_ratio = statistics.median(a / b for a, b in zip(times["naive"], times["train"]))
             rows.append({"model": name + (" (random weights)" if CHECKPOINTS[name] is None else ""), "B": batch,
-                         "T": steps, **rate, "ratio": ratio, **compare(outputs["naive"], outputs["ours"]),
+                         "T": steps, **rate, "ratio": ratio, "train_ratio": train_ratio,
+                         "precision": training_precision,
+                         "train_action_agreement": (outputs["train"]["actions"] == outputs["naive"]["actions"]).float().mean().item(),
+                         **compare(outputs["naive"], outputs["ours"]),
                          **bf16_decode_effect(agent, episodes, outputs["ours"]["points"], outputs["ours"]["labels"])})
             print(f"  done: {name} B={batch} T={steps}", flush=True)
     return rows
 
 
 def markdown_table(rows: List[dict]) -> str:
-    lines = ["| model | B | T | (a) naive loop, env steps/s | (b) Agent.rollout, env steps/s | (b) / (a) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    precision = rows[0]["precision"] if rows else "fp32"
+    lines = ["| model | B | T | (a) naive loop, env steps/s | (b) Agent.rollout fp32, env steps/s | (b) / (a) "
+             f"| (c) Agent.rollout {precision}, env steps/s | (c) / (a) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['naive']:.1f} | {r['ours']:.1f} | {r['ratio']:.2f}x |")
+        lines.append(f"| {r['model']} | {r['B']} | {r['T']} | {r['naive']:.1f} | {r['ours']:.1f} | {r['ratio']:.2f}x "
+                     f"| {r['train']:.1f} | {r['train_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -261,6 +293,10 @@ def check_lines(rows: List[dict]) -> str:
             f"  {r['model']} B={r['B']} T={r['T']}: same actions {'yes' if r['same_actions'] else 'NO'}, "
             f"same rewards {'yes' if r['same_rewards'] else 'NO'}, max |log-prob diff| {r['log_prob_diff']:.2g}, "
             f"final low-res logits max |diff| {r['logit_diff']:.2g}, masks agree on {100 * r['mask_agreement']:.3f}% of pixels")
+    for r in rows:
+        if r["precision"] != "fp32":
+            lines.append(f"  (c) at {r['precision']}, {r['model']} B={r['B']} T={r['T']}: "
+                         f"{100 * r['train_action_agreement']:.1f}% of its actions equal to (a)'s")
     lines.append("SAM's decode in bfloat16 instead (autocast; not used: Segmenter.decode stays float32), final prompts:")
     for r in rows:
         lines.append(f"  {r['model']} B={r['B']} T={r['T']}: masks agree on {100 * r['bf16_mask_agreement']:.2f}% of "

@@ -25,8 +25,22 @@ def test_rollout_benchmark_takes_the_naive_loops_actions_and_masks(capsys):
     row = rows[0]
     assert row["same_actions"] and row["same_rewards"] and row["mask_agreement"] == 1.0
     assert row["logit_diff"] < 1e-4 and row["naive"] > 0 and row["ours"] > 0
+    assert row["train"] > 0 and row["precision"] in ("fp32", "bf16")
+    assert 0.0 <= row["train_action_agreement"] <= 1.0
     out = capsys.readouterr().out
     assert "| tiny | 2 | 2 |" in out and "same actions yes" in out
+
+
+def test_rollout_benchmark_times_the_bf16_training_rollout(capsys):
+    """(c): the rollout at model.ppo.precision bf16 (the policy and SRM in bfloat16, SAM float32)
+    is timed beside the float32 one, and the check says how many of its actions match (a)'s."""
+    rows = load("rollout").main(["--models", "tiny", "--batch-sizes", "2", "--steps", "2", "--repeats", "1",
+                                 "--warmup", "0", "--threads", "1", "--precision", "bf16"])
+    row = rows[0]
+    assert row["precision"] == "bf16" and row["train"] > 0 and row["train_ratio"] > 0
+    assert row["same_actions"]  # (b) stays float32 and equal to the naive loop
+    out = capsys.readouterr().out
+    assert "(c) Agent.rollout bf16" in out and "(c) at bf16, tiny B=2 T=2:" in out
 
 
 def test_train_step_benchmark_times_every_phase(capsys):
