@@ -57,7 +57,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--minibatch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4, help="iterations per epoch")
     parser.add_argument("--epochs-timed", type=int, default=2, help="timed epochs after the warm-up epoch")
-    parser.add_argument("--precision", default=None, help="model.ppo.precision (fp32 | bf16); default: the config's")
+    parser.add_argument("--precision", default=None, help="model.ppo.precision (auto | fp32 | bf16); default: the config's (auto)")
     parser.add_argument("--trainer-precision", default=None, help="Trainer(precision=...), e.g. bf16-mixed")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
