@@ -263,6 +263,7 @@ class EvaluateCLI(AlignSAMCLI):
                   f"iou@k = mean per-episode IoU after k clicks; NoC counts every prompt SAM received. "
                   f"Strategies: alignsam/evaluation/strategies.py.")
         md, csv_path = write_tables(out_dir, "test", model.test_table, model.hparams.task, env.steps, header)
+        episodes_file = self._write_episodes(out_dir, split, ckpt)
         self._log_to_tensorboard(out_dir, md.read_text())
         task = model.hparams.task
         # a terminal wraps the table to its width; a log file or pipe gets it whole, one line per row
@@ -271,9 +272,23 @@ class EvaluateCLI(AlignSAMCLI):
         for note in coverage_notes(model.test_table, task):
             console.print(note, markup=False)
         print(f"every metric and click: {md}, {csv_path}")
+        if episodes_file is not None:
+            print(f"per episode (for evaluate.py summary): {episodes_file}")
         if model.prediction_hook is not None:
             print(f"predictions: {model.prediction_hook.written} episode(s) in {options['save_predictions']} "
                   f"(per episode: {model.prediction_hook.episodes_csv})")
+
+    def _write_episodes(self, out_dir: Path, split: str, ckpt: Path) -> Optional[Path]:
+        """``<out_dir>/test_episodes.npz``: the per-episode statistics of every strategy
+        (:mod:`alignsam.evaluation.episodes`), or None when the evaluator kept none."""
+        from alignsam.evaluation.episodes import episodes_path
+
+        evaluator = getattr(self.model, "_evaluator", None)  # the test loop's Evaluator (alignsam/module.py)
+        episodes = getattr(evaluator, "episodes", None)
+        if episodes is None:
+            return None
+        episodes.meta.update(split=split, seed=int(self.model.hparams.seed), checkpoint=display_path(ckpt))
+        return episodes.save(episodes_path(out_dir, "test"))
 
     def _log_to_tensorboard(self, out_dir: Path, markdown: str) -> None:
         from torch.utils.tensorboard import SummaryWriter

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import torch
 
+from alignsam.evaluation.episodes import EpisodeStatistics
 from alignsam.evaluation.scoring import StrategyScores, original_logits
 from alignsam.foundation.segmenter import EmbeddedImages
 from alignsam.evaluation.strategies import STRATEGIES, BatchContext, Outcome, persam_prototypes
@@ -43,10 +44,13 @@ class Evaluator:
         train_samples: the few-shot training episodes (PerSAM's prototypes for ``persam``; without
             them PerSAM scores no episode, and says so).
         on_agent: optional hook that receives the agent's predictions (``--save_predictions``).
+        keep_episodes: keep the per-unit statistics of the headline metrics (:attr:`episodes`,
+            written by ``evaluate.py`` as ``test_episodes.npz``).
     """
 
     def __init__(self, agent: "Agent", strategies: Sequence[str], seed: int, oracle_clicks: int = 20,
-                 train_samples: Optional[Sequence[Dict]] = None, on_agent: Optional[PredictionHook] = None) -> None:
+                 train_samples: Optional[Sequence[Dict]] = None, on_agent: Optional[PredictionHook] = None,
+                 keep_episodes: bool = True) -> None:
         self.agent = agent
         self.strategies = list(strategies)
         self.generator = torch.Generator().manual_seed(seed)
@@ -56,7 +60,7 @@ class Evaluator:
         if any(STRATEGIES[n].needs_prototypes for n in self.strategies):
             self.prototypes = persam_prototypes(agent, train_samples) if train_samples else {}
         self.scores = StrategyScores(self.strategies, agent.new_metrics, task_record(agent.task).semantic,
-                                     agent.device)
+                                     agent.device, keep_episodes)
         # strategy -> (reason, class id -> episode text) of its unscored episodes, for one warning
         self._unscored: Dict[str, Tuple[str, Dict[int, str]]] = {}
         self._warned = False
@@ -91,6 +95,15 @@ class Evaluator:
             self._warned = True
             self._warn_unscored()
         return table
+
+    @property
+    def episodes(self) -> Optional[EpisodeStatistics]:
+        """The per-unit statistics of the last :meth:`compute` (None before it, or when not kept),
+        with the task in their metadata."""
+        episodes = self.scores.last_episodes
+        if episodes is not None:
+            episodes.meta.setdefault("task", self.agent.task)
+        return episodes
 
     def _warn_unscored(self) -> None:
         from lightning.pytorch.utilities import rank_zero_only

@@ -21,7 +21,11 @@ numbers only, never of the other strategies':
   label maps whole (its other episodes are not used either); the click curve and NoC, which are
   per episode, leave out only the unscored episodes.
 
-The strategy's mIoU is then over fewer images than the other rows'; the table says so. When any
+The strategy's mIoU is then over fewer images than the other rows'; the table says so.
+
+Beside the table, :meth:`StrategyScores.compute` keeps the per-unit sufficient statistics of the
+headline metrics (:mod:`alignsam.evaluation.episodes`: per episode for the binary tasks, per label
+map for the semantic ones; unscored units are marked) in :attr:`StrategyScores.last_episodes`. When any
 strategy left episodes out, every row gets ``episodes`` (scored) and ``episodes_total``, the
 semantic tasks also ``images`` (label maps in the metric) and ``images_total``, and the strategy's
 row ``unscored@<class id>`` (episodes of that class left out); the Markdown table shows
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torchmetrics import MetricCollection
 
+from alignsam.evaluation.episodes import EpisodeRecorder, EpisodeStatistics, binary_unit_fields, label_map_fields
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
 from alignsam.geometry import MASK_LOGIT_THRESHOLD
 from alignsam.losses import mask_iou
@@ -87,6 +92,11 @@ def _gathered(value) -> list:
     return [value]
 
 
+def _unit_id(sample: Dict, index: int) -> str:
+    """A binary episode's id (its sample ``id``; the test scenes' and datasets' ids are stable)."""
+    return str(sample.get("id", sample.get("image_id", index)))
+
+
 class StrategyScores:
     """Accumulates, per strategy, the task metrics, the click curves and NoC over a split.
 
@@ -96,13 +106,16 @@ class StrategyScores:
         semantic: whether episodes are assembled into label maps (``voc``, ``categories``) before
             the metrics; per-click IoU and NoC stay per episode.
         device: where the metric states live.
+        keep_episodes: keep the per-unit statistics (:attr:`last_episodes`).
 
     Episodes a strategy could not score are left out of its numbers (see the module docstring).
     """
 
     def __init__(self, names: Sequence[str], new_metrics: Callable[[], MetricCollection], semantic: bool,
-                 device: torch.device) -> None:
+                 device: torch.device, keep_episodes: bool = True) -> None:
         self.names = list(names)
+        self.recorder = EpisodeRecorder(self.names) if keep_episodes else None
+        self.last_episodes: Optional[EpisodeStatistics] = None  # what the last compute() saw, per unit
         self.semantic = semantic
         self.metrics = {name: new_metrics().to(device) for name in self.names}
         self.assemblers = {name: LabelMapAssembler() for name in self.names}
@@ -143,7 +156,15 @@ class StrategyScores:
         kept = [i for i, left_out in enumerate(skip) if not left_out]
         if kept:
             probs = [torch.sigmoid(logits[i]).clamp(0, 1).to(self.device) for i in kept]
-            self.metrics[name].update(probs, [gts[i].to(self.device) for i in kept])
+            targets = [gts[i].to(self.device) for i in kept]
+            self.metrics[name].update(probs, targets)
+            if self.recorder is not None:
+                for i, prob, target in zip(kept, probs, targets):
+                    self.recorder.add(name, _unit_id(batch[i], i), binary_unit_fields(prob, target))
+        if self.recorder is not None:
+            for i, left_out in enumerate(skip):
+                if left_out:
+                    self.recorder.skip(name, _unit_id(batch[i], i))
 
     def add_curve(self, name: str, curve: ClickCurve, unscored: Optional[torch.Tensor] = None) -> None:
         """The click curve of one batch (every batch of a strategy must have the same rows);
@@ -201,6 +222,7 @@ class StrategyScores:
                         if image_id not in cover["excluded_images"]]
                 metrics.update([preds[i].to(self.device) for i in kept], [targets[i].to(self.device) for i in kept])
                 used = len(cover["images"]) - len(cover["excluded_images"])
+                self._record_label_maps(name, preds, targets)
             row = {k: float(v) for k, v in metrics.compute().items()} if used > 0 else {}
             if partial:
                 row["episodes"], row["episodes_total"] = float(cover["scored"]), float(cover["total"])
@@ -218,7 +240,35 @@ class StrategyScores:
                 for clicks, value in zip(self.curve_clicks[name].tolist(), means.tolist()):
                     row[f"iou@{clicks}"] = value
             table[name] = row
+        self.last_episodes = self._episode_statistics()
         return table
+
+    def _semantic_metric(self, name: str):
+        return next(iter(self.metrics[name].values()))  # the collection's one SemanticMeanIoU
+
+    def _record_label_maps(self, name: str, preds: List[torch.Tensor], targets: List[torch.Tensor]) -> None:
+        """Per-image fields of this rank's label maps (an image with an unscored episode: skipped)."""
+        if self.recorder is None:
+            return
+        metric = self._semantic_metric(name)
+        for image_id, pred, target in zip(self.assemblers[name].image_ids(), preds, targets):
+            if image_id in self.excluded_images[name]:
+                self.recorder.skip(name, image_id)
+            else:
+                self.recorder.add(name, image_id, label_map_fields(pred, target, metric.num_classes, metric.ignore_index))
+        for image_id in self.excluded_images[name] - set(self.assemblers[name].image_ids()):
+            self.recorder.skip(name, image_id)
+
+    def _episode_statistics(self) -> Optional[EpisodeStatistics]:
+        """Every rank's per-unit fields as one :class:`EpisodeStatistics` (a collective call under DDP)."""
+        if self.recorder is None:
+            return None
+        merged = EpisodeRecorder.merge(_gathered(self.recorder.units), summed=self.semantic)
+        meta: Dict[str, object] = {"unit": "image" if self.semantic else "episode"}
+        if self.semantic:
+            metric = self._semantic_metric(self.names[0])
+            meta.update(num_classes=int(metric.num_classes), ignore_index=metric.ignore_index)
+        return EpisodeRecorder.build(merged, meta)
 
     def label_maps(self, name: str):
         """The assembled label maps of a semantic task (for saving predictions)."""

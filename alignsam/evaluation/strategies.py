@@ -10,9 +10,13 @@ name           prompts (T = ``model.env.steps``; "seeds" = the agent's P_0 when 
 agent          seeds + T clicks of the trained policy, labelled by the SRM (greedy, as in validation)
 centre         one positive click at the image centre
 random         T positive clicks at distinct random patches of the action grid
-grid_srm       seeds + T clicks on a regular spread of action patches, labelled by the SRM
-no_rl          w/o RL: seeds + the SRM's ceil(T/2) most confident patches (positive) and floor(T/2)
-               least confident (negative), from the SRM's map of the unprompted image
+grid_srm       w/o RL, even patches: seeds + T clicks on a regular spread of action patches, labelled
+               by the SRM
+random_srm     w/o RL, random patches: seeds + T distinct action patches drawn at random (reproducible
+               per episode), labelled by the SRM exactly as ``grid_srm``
+no_rl          w/o RL, SRM-confidence points: seeds + the SRM's ceil(T/2) most confident patches
+               (positive) and floor(T/2) least confident (negative), from the SRM's map of the
+               unprompted image
 no_srm         w/o SRM: the trained agent with every click labelled positive
 single_step    the trained agent with T = 1
 clip_surgery   CLIP Surgery's point recipe: the ceil(T/2) patches of highest text similarity
@@ -29,6 +33,11 @@ oracle         the standard click simulator: each next click at the interior of 
 The ablations reuse the trained agent's networks; no strategy sees the test ground truth except the
 oracle. Clicks on the action grid are at patch centres, as the agent's.
 
+The paper's "w/o RL" removes the policy without saying how the prompts are then chosen, so three
+readings are scored: ``no_rl`` (the SRM's own most / least confident points), ``grid_srm`` (evenly
+spread patches) and ``random_srm`` (random patches). The last two label every click with the SRM
+through one function, :func:`srm_labels`, so they differ only in where they click.
+
 A strategy that cannot score some episodes marks them in :attr:`Outcome.unscored` (with a reason)
 instead of raising: they leave that strategy's numbers only (how, for the semantic tasks' label
 maps, is in :mod:`alignsam.evaluation.scoring`), the table shows how many it scored, and the
@@ -36,6 +45,7 @@ evaluator logs one warning per strategy naming the classes.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
@@ -158,15 +168,40 @@ def _with_seeds(ctx: BatchContext, points: torch.Tensor, labels: torch.Tensor) -
     return ctx.decode(torch.cat([seed_points, points], 1), torch.cat([seed_labels, labels], 1))
 
 
-def _srm_labels(ctx: BatchContext, points: torch.Tensor) -> torch.Tensor:
+def srm_labels(ctx: BatchContext, points: torch.Tensor) -> torch.Tensor:
+    """The SRM's label of each click ``(B, n, 2)`` (SAM frame) -> ``(B, n)`` long, 1 positive: its
+    map of the unprompted image at the click, against ``srm.threshold``. The one labelling rule of
+    the patch baselines ``grid_srm`` and ``random_srm``."""
     prob = sample_at_sam_points(ctx.srm_probs(), points, ctx.agent.segmenter.img_size)
     return (prob >= ctx.agent.srm_config.threshold).long()
 
 
+def _srm_labelled_patches(ctx: BatchContext, actions: torch.Tensor) -> Outcome:
+    """Seeds + clicks at the centres of action patches ``actions`` ``(B, T)``, labelled by :func:`srm_labels`."""
+    action_points = ctx.episodes.action_points  # (B, A, 2)
+    rows = torch.arange(len(action_points), device=action_points.device)[:, None]
+    points = action_points[rows, actions.to(action_points.device)]
+    return _with_seeds(ctx, points, srm_labels(ctx, points))
+
+
 def grid_srm(ctx: BatchContext) -> Outcome:
-    actions = baselines.spread_patches(ctx.agent.env_config.grid, ctx.steps).to(ctx.episodes.action_points.device)
-    points = ctx.episodes.action_points[:, actions]
-    return _with_seeds(ctx, points, _srm_labels(ctx, points))
+    actions = baselines.spread_patches(ctx.agent.env_config.grid, ctx.steps)
+    return _srm_labelled_patches(ctx, actions.expand(len(ctx.batch), -1))
+
+
+def episode_generator(ctx: BatchContext, sample: Dict, purpose: str) -> torch.Generator:
+    """A generator seeded by the batch generator's seed, ``purpose`` and the episode's id: the same
+    draws for an episode whatever its batch or position, and the batch generator itself is not
+    advanced (the ``random`` baseline's clicks stay those of earlier runs)."""
+    key = f"{ctx.generator.initial_seed()}|{purpose}|{sample.get('id', sample.get('image_id', ''))}"
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
+def random_srm(ctx: BatchContext) -> Outcome:
+    patches = ctx.agent.env_config.grid ** 2
+    actions = torch.stack([torch.randperm(patches, generator=episode_generator(ctx, s, "random_srm"))[:ctx.steps]
+                           for s in ctx.batch])
+    return _srm_labelled_patches(ctx, actions)
 
 
 def no_rl(ctx: BatchContext) -> Outcome:
@@ -254,8 +289,9 @@ STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (
     Strategy("agent", "AlignSAM agent", agent),
     Strategy("centre", "centre click", centre),
     Strategy("random", "T random clicks", random),
-    Strategy("grid_srm", "grid + SRM labels", grid_srm),
-    Strategy("no_rl", "w/o RL (SRM points)", no_rl),
+    Strategy("grid_srm", "w/o RL: even patches + SRM labels", grid_srm),
+    Strategy("random_srm", "w/o RL: random patches + SRM labels", random_srm),
+    Strategy("no_rl", "w/o RL: SRM-confidence points", no_rl),
     Strategy("no_srm", "w/o SRM (all positive)", no_srm),
     Strategy("single_step", "single step (T = 1)", single_step),
     Strategy("clip_surgery", "CLIP Surgery points", clip_surgery, needs_matcher=True),
