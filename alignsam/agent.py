@@ -57,6 +57,10 @@ class Rollout:
     (None without ground truth); points ``(B, n, 2)`` and point_labels ``(B, n)`` every prompt, SAM frame;
     step_logits: T + 1 tensors ``(B, 1, 4h, 4w)``, SAM's logits after P_0 and after each step (the
     env's own list, not stacked: training never reads it).
+    With ``model.policy.srm_input``: srm_blank ``(B, 1, h, w)`` the SRM's probabilities of the
+    unprompted image and srm_maps ``(T, B, 1, h, w)`` those of each state, float32, as the policy
+    read them (the PPO update feeds it the same); None otherwise. point_labels holds -1 for a click
+    ``model.srm.label_rule: drop`` did not send to SAM.
     """
 
     masks: torch.Tensor
@@ -73,6 +77,8 @@ class Rollout:
     points: torch.Tensor
     point_labels: torch.Tensor
     step_logits: List[torch.Tensor]
+    srm_blank: Optional[torch.Tensor] = None
+    srm_maps: Optional[torch.Tensor] = None
 
 
 def as_config(cls, value):
@@ -211,6 +217,17 @@ class Agent(nn.Module):
         """s_c for the SRM (explicit branch), else None."""
         return episodes.text_state if self.srm_text else None
 
+    @property
+    def policy_sees_srm(self) -> bool:
+        """``model.policy.srm_input``: the policy also reads the SRM's maps."""
+        return self.policy.srm_input
+
+    @staticmethod
+    def policy_srm_maps(srm_blank: Optional[torch.Tensor], srm_step: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The policy's ``srm_maps`` ``(B, 2, h, w)`` from the SRM's probabilities of the unprompted
+        image and of the current state (each ``(B, 1, h, w)``); None when they are None."""
+        return None if srm_step is None else torch.cat([srm_blank, srm_step], 1)
+
     # -- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, episodes: Episodes, training: bool, greedy: bool, steps: Optional[int] = None,
@@ -218,7 +235,7 @@ class Agent(nn.Module):
         """Run B episodes of ``steps`` (default ``env.steps``) with the current policy and SRM
         (``all_positive``: every click labelled positive instead of by the SRM)."""
         steps = steps or self.env_config.steps
-        env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold, all_positive)
+        env = PromptingEnv(self.segmenter, self.env_config, self.srm_config.threshold, all_positive, srm=self.srm_config)
         policy_text, srm_text = self.policy_text_state(episodes), self.srm_text_state(episodes)
         # training: the policy and the SRM in model.ppo.precision, as the updates will evaluate
         # them (so that PPO's first ratios are 1); SAM's decode is float32 whatever the precision
@@ -231,9 +248,11 @@ class Agent(nn.Module):
         def state(mask: Optional[torch.Tensor]) -> torch.Tensor:
             return embeddings if mask is None else embeddings * ppo.network_input(precision, mask)
 
-        def policy(s: torch.Tensor):
+        def policy(s: torch.Tensor, srm_step: Optional[torch.Tensor]):
+            # srm_input: the SRM's float32 maps, cast as the update casts the stored ones
+            maps = ppo.network_input(precision, self.policy_srm_maps(srm_blank, srm_step))
             with ppo.autocast(precision, embeddings.device):
-                logits, value = self.policy(s, pool, policy_text)
+                logits, value = self.policy(s, pool, policy_text, maps)
             return logits.float(), value.float()
 
         def srm(s: torch.Tensor) -> torch.Tensor:
@@ -241,16 +260,24 @@ class Agent(nn.Module):
                 return torch.sigmoid(self.srm(s, srm_text).float())
 
         # the SRM labels the clicks; with ground-truth labels or all positive ones it is not needed
-        needs_srm = not all_positive and not (training and self.env_config.train_labels == "gt")
-        env.reset(episodes, srm(state(None)), training)
-        record: Dict[str, List[torch.Tensor]] = {k: [] for k in ("masks", "valid", "actions", "log_probs", "values", "rewards", "labels")}
+        # (and the policy reads the SRM's maps with model.policy.srm_input)
+        sees_srm = self.policy_sees_srm
+        needs_srm = sees_srm or (not all_positive and not (training and self.env_config.train_labels == "gt"))
+        blank_probs = srm(state(None))
+        srm_blank = blank_probs if sees_srm else None
+        env.reset(episodes, blank_probs, training)
+        record: Dict[str, List[torch.Tensor]] = {k: [] for k in ("masks", "valid", "actions", "log_probs", "values", "rewards", "labels", "srm_maps")}
         for _ in range(steps):
             s = state(env.mask)
-            logits, value = policy(s)
+            srm_probs = srm(s) if sees_srm else None  # srm_input: the policy reads this step's map
+            logits, value = policy(s, srm_probs)
             # sampled on the CPU with the agent's generator, whose state the checkpoint keeps
             actions, log_probs = ppo.sample_actions(logits.cpu(), env.valid.cpu(), self.generator, greedy)
             actions = actions.to(self.device)
-            srm_probs = srm(s) if needs_srm else None
+            if needs_srm and srm_probs is None:
+                srm_probs = srm(s)
+            if sees_srm:
+                record["srm_maps"].append(srm_probs)
             record["masks"].append(env.mask)
             record["valid"].append(env.valid)
             record["actions"].append(actions)
@@ -260,7 +287,8 @@ class Agent(nn.Module):
             record["labels"].append(result.labels)
             if result.reward is not None:
                 record["rewards"].append(result.reward)
-        _, bootstrap = policy(state(env.mask))
+        final_state = state(env.mask)
+        _, bootstrap = policy(final_state, srm(final_state) if sees_srm else None)
         stack = lambda key: torch.stack(record[key]) if record[key] else None  # noqa: E731
         return Rollout(
             masks=stack("masks"), valid=stack("valid"), actions=stack("actions"), log_probs=stack("log_probs"),
@@ -268,6 +296,7 @@ class Agent(nn.Module):
             bootstrap_value=bootstrap, final_mask=env.mask, final_logits=env.logits,
             iou_curve=torch.stack(env.iou_history) if env.iou_history else None,
             points=env.points, point_labels=env.labels, step_logits=env.logits_history,
+            srm_blank=srm_blank, srm_maps=stack("srm_maps"),
         )
 
     # -- pickling (ddp_spawn) --------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from alignsam.geometry import actions_to_sam_points, grid_cell_centres, original_to_sam_points
+from alignsam.geometry import actions_to_sam_points, grid_cell_centres, original_to_sam_points, sample_at_sam_points
+from alignsam.srm import SRMConfig, srm_click_labels
 
 Prompts = Tuple[torch.Tensor, torch.Tensor]
 
@@ -97,6 +98,20 @@ def best_and_worst_cells(scores: torch.Tensor, region: torch.Tensor, img_size: i
     points = torch.stack([centres[best], centres[worst]], dim=1)
     labels = torch.tensor([1, 0], device=scores.device).expand(len(flat), -1)
     return points, labels
+
+
+def srm_point_labels(srm_probs: torch.Tensor, points: torch.Tensor, img_size: int, config: SRMConfig) -> torch.Tensor:
+    """The SRM's labels of clicks, by ``config.label_rule`` (:func:`alignsam.srm.label_clicks`):
+    the one place the agent's rollout and the strategies that label clicks by the SRM read them.
+
+    Args:
+        srm_probs: ``(B, 1, h, w)`` the SRM's foreground probabilities on the embedding grid.
+        points: ``(B, N, 2)`` clicks in SAM's frame.
+        config: the agent's :class:`~alignsam.srm.SRMConfig` (threshold, label rule).
+    Returns:
+        ``(B, N)`` long: 1 positive, 0 negative, -1 dropped (SAM's padding; ``label_rule: drop`` only).
+    """
+    return srm_click_labels(sample_at_sam_points(srm_probs.float(), points, img_size), config)
 
 
 def masked_mean_feature(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -106,12 +106,16 @@ class AlignSAM(L.LightningModule):
         stats["srm/loss"] = self.srm_update(episodes, rollout)
         returns = rollout.rewards.sum(0)
         on_gt = episodes.patch_on_gt.gather(1, rollout.actions.T)  # (B, T)
+        sent = rollout.labels.T >= 0  # (B, T): label_rule drop marks the clicks not sent to SAM -1
+        correct = (rollout.labels.T == on_gt.long()) & sent
         stats.update({
             "train/return": returns.mean(), "train/final_iou": rollout.iou_curve[-1].mean(),
             "train/initial_iou": rollout.iou_curve[0].mean(),
-            "train/label_accuracy": (rollout.labels.T.bool() == on_gt).float().mean(),
+            "train/label_accuracy": correct.sum() / sent.sum().clamp(min=1),  # of the labels SAM got
             "train/clicks_on_target": on_gt.float().mean(),
         })
+        if agent.srm_config.label_rule == "drop":
+            stats["train/dropped_clicks"] = (~sent).float().mean()
         b = len(batch)
         self.log_dict(stats, batch_size=b, on_step=True, on_epoch=False, prog_bar=False)
         self.log_dict({"train/final_iou_epoch": rollout.iou_curve[-1].mean(), "train/return_epoch": returns.mean()},
@@ -132,8 +136,10 @@ class AlignSAM(L.LightningModule):
         advantages, returns = ppo.gae(rollout.rewards, rollout.values, rollout.bootstrap_value, cfg.gamma, cfg.gae_lambda)
         t_count, b_count = rollout.actions.shape
         # the networks' inputs in their precision (bf16: cast once here, as the rollout did)
-        embeddings, masks, pool, policy_text = (ppo.network_input(cfg.precision, x) for x in (
-            episodes.embeddings, rollout.masks, episodes.pool, agent.policy_text_state(episodes)))
+        # (model.policy.srm_input: also the SRM maps the rollout fed the policy; stored, so detached)
+        embeddings, masks, pool, policy_text, srm_blank, srm_maps = (ppo.network_input(cfg.precision, x) for x in (
+            episodes.embeddings, rollout.masks, episodes.pool, agent.policy_text_state(episodes),
+            rollout.srm_blank, rollout.srm_maps))
         ppo.check_actions(rollout.valid, rollout.actions)  # once, instead of in every minibatch
         states = ppo.all_states(embeddings, masks)  # (T*B, C, h, w) formed once, or None when too large
         epochs = ppo.epoch_minibatches(t_count * b_count, cfg.minibatch_size, cfg.epochs, agent.generator, self.device)
@@ -142,8 +148,10 @@ class AlignSAM(L.LightningModule):
             for index in batches:
                 t, b = index // b_count, index % b_count
                 state = embeddings[b] * masks[t, b] if states is None else states[index]
+                srm_input = None if srm_maps is None else agent.policy_srm_maps(srm_blank[b], srm_maps[t, b])
                 with ppo.autocast(cfg.precision, self.device):
-                    logits, value = agent.policy(state, pool[b], None if policy_text is None else policy_text[b])
+                    logits, value = agent.policy(state, pool[b], None if policy_text is None else policy_text[b],
+                                                 srm_input)
                 logits, value = logits.float(), value.float()
                 valid = rollout.valid[t, b]
                 new_log_probs = ppo.action_log_probs(logits, valid, rollout.actions[t, b], check=False)

@@ -1,8 +1,9 @@
 """Semantic Recalibration Module (SRM): a foreground map y_r on the embedding grid.
 
-The SRM labels every click of the agent (positive when its foreground probability at the click is
-``>= threshold``) and seeds the initial prompts P_0 (its most and least confident cells). It is
-trained with its own optimiser on Dice + BCE against the ground truth resized to its grid.
+The SRM labels every click of the agent (by default positive when its foreground probability at the
+click is ``>= threshold``; :func:`label_clicks` holds every ``model.srm.label_rule``) and seeds the
+initial prompts P_0 (its most and least confident cells). It is trained with its own optimiser on
+Dice + BCE against the ground truth resized to its grid.
 
 Two variants (``SRMConfig.variant``; only the chosen one is built):
 
@@ -29,6 +30,12 @@ Variant = Literal["implicit", "explicit"]
 VARIANTS = get_args(Variant)
 BRANCHES = VARIANTS  # the SRM's former name for them
 
+# How the SRM's probability at a click becomes the click's label (``model.srm.label_rule``; see
+# :func:`label_clicks`). ``threshold`` is the paper's rule.
+LabelRule = Literal["threshold", "confident", "drop"]
+LABEL_RULES = get_args(LabelRule)
+DROPPED_LABEL = -1  # SAM's padding label: a dropped click is not sent to SAM (Segmenter.decode)
+
 # Logit given to cells outside ``valid`` in :func:`srm_loss`: sigmoid is exactly 0 and the BCE
 # against a 0 target is exactly 0, so those cells drop out of both sums (finite, so fp16-safe).
 _EXCLUDED_LOGIT = -1e4
@@ -47,7 +54,14 @@ class SRMConfig:
             ``(h*w)**2``).
         heads: attention heads (must divide ``hidden``).
         groups: GroupNorm groups (must divide ``hidden``).
-        threshold: a click is positive when the SRM's foreground probability at it is ``>=`` this.
+        threshold: a click is positive when the SRM's foreground probability at it is ``>=`` this
+            (rules ``threshold`` and ``drop``).
+        label_rule: how a click's probability p becomes its label (:func:`label_clicks`):
+            ``threshold`` (paper: positive iff p >= threshold), ``confident`` (negative only where
+            the SRM is confident it is background, p < negative_threshold; positive otherwise) or
+            ``drop`` (positive iff p >= threshold, negative iff p < negative_threshold, otherwise
+            not sent to SAM at all).
+        negative_threshold: the "confident background" cut of the ``confident`` and ``drop`` rules.
         dice_weight: weight of the Dice term of :func:`srm_loss`.
         bce_weight: weight of the BCE term of :func:`srm_loss`.
         lr: learning rate of the SRM's own Adam (separate from the policy's optimiser).
@@ -56,6 +70,7 @@ class SRMConfig:
 
     Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.srm.<field>``:
     threshold in [0, 1] (a probability: above 1 every click would be labelled negative),
+    label_rule one of ``LABEL_RULES``, negative_threshold in [0, 1] (and, for ``drop``, at most threshold),
     hidden, attention_grid, heads, groups >= 1 (groups and heads divide hidden), the loss weights
     >= 0 and not both 0, lr > 0.
     """
@@ -70,6 +85,8 @@ class SRMConfig:
     bce_weight: float = 1.0
     lr: float = 1e-4
     branch: Optional[Variant] = None
+    label_rule: LabelRule = "threshold"
+    negative_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         if self.branch is not None:
@@ -84,6 +101,12 @@ class SRMConfig:
         for key in ("hidden", "attention_grid", "heads", "groups"):
             check_range(f"model.srm.{key}", getattr(self, key), 1)
         check_range("model.srm.threshold", self.threshold, 0.0, 1.0)
+        if self.label_rule not in LABEL_RULES:
+            raise ConfigError("model.srm.label_rule", f"{self.label_rule!r} is not one of {', '.join(LABEL_RULES)}")
+        check_range("model.srm.negative_threshold", self.negative_threshold, 0.0, 1.0)
+        if self.label_rule == "drop" and self.negative_threshold > self.threshold:
+            raise ConfigError("model.srm.negative_threshold", f"{self.negative_threshold} exceeds model.srm.threshold "
+                              f"({self.threshold}): label_rule 'drop' keeps negatives below it and positives above threshold")
         check_range("model.srm.dice_weight", self.dice_weight, 0.0)
         check_range("model.srm.bce_weight", self.bce_weight, 0.0)
         if self.dice_weight == 0 and self.bce_weight == 0:
@@ -94,6 +117,38 @@ class SRMConfig:
             if self.hidden % getattr(self, key):
                 raise ConfigError(f"model.srm.{key}", f"model.srm.hidden ({self.hidden}) must be divisible by "
                                   f"{key} ({getattr(self, key)})")
+
+
+def label_clicks(probs: torch.Tensor, threshold: float = 0.5, rule: str = "threshold",
+                 negative_threshold: float = 0.1) -> torch.Tensor:
+    """The labels of clicks from the SRM's foreground probability p at each click.
+
+    Args:
+        probs: ``(...)`` float, p at every click (any shape, e.g. ``(B,)`` or ``(B, N)``).
+        threshold, rule, negative_threshold: ``model.srm.threshold``, ``label_rule``,
+            ``negative_threshold`` (:class:`SRMConfig`):
+
+            - ``threshold``: 1 where p >= threshold, else 0 (the paper's rule);
+            - ``confident``: 0 where p < negative_threshold, else 1 (a negative click only where the
+              SRM is sure it is background: a wrong negative on the target cuts it out of SAM's mask);
+            - ``drop``: 1 where p >= threshold, 0 where p < negative_threshold, else
+              :data:`DROPPED_LABEL` (-1, SAM's padding: the click is not sent to SAM).
+    Returns:
+        ``(...)`` long labels, the shape of ``probs``.
+    """
+    if rule not in LABEL_RULES:
+        raise ValueError(f"label rule {rule!r} is not one of {', '.join(LABEL_RULES)}")
+    positive = probs >= (negative_threshold if rule == "confident" else threshold)
+    labels = positive.long()
+    if rule == "drop":
+        unsure = ~positive & (probs >= negative_threshold)
+        labels = labels.masked_fill(unsure, DROPPED_LABEL)
+    return labels
+
+
+def srm_click_labels(probs: torch.Tensor, config: SRMConfig) -> torch.Tensor:
+    """:func:`label_clicks` with the rule of ``config`` (:class:`SRMConfig`): ``(...)`` -> ``(...)`` long."""
+    return label_clicks(probs, config.threshold, config.label_rule, config.negative_threshold)
 
 
 def conv_norm_act(

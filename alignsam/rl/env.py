@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, get_args
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignsam.baselines import best_and_worst_cells
+from alignsam.baselines import best_and_worst_cells, srm_point_labels
 from alignsam.errors import ConfigError, check_range
 from alignsam.foundation.segmenter import EmbeddedImages, Segmenter
 from alignsam.geometry import (
@@ -30,15 +31,15 @@ from alignsam.geometry import (
     original_masks_to_sam_grid,
     patch_centres,
     patch_pool_matrix,
-    sample_at_sam_points,
 )
 from alignsam.losses import mask_iou
+from alignsam.srm import SRMConfig
 
 # The option values, typed so that the command line lists them (--help) and checks them.
 InitPrompts = Literal["srm", "none"]
 StateMask = Literal["prob", "binary"]
 TrainLabels = Literal["srm", "gt"]
-Reward = Literal["target", "iou_gain", "target+iou"]
+Reward = Literal["target", "iou_gain", "target+iou", "coverage", "target+coverage"]
 INIT_PROMPTS, STATE_MASKS, TRAIN_LABELS, REWARDS = (get_args(t) for t in (InitPrompts, StateMask, TrainLabels, Reward))
 ALL_ONES_LOGIT = 10.0  # the "everything" mask M_0 of init_prompts: none (sigmoid ~ 1)
 
@@ -56,7 +57,10 @@ class EnvConfig:
             ``binary``: that probability thresholded at 0.5.
         train_labels: who labels clicks during training: ``srm`` (as at inference) or ``gt``.
         reward: ``target`` (+1 on ground-truth foreground, -1 elsewhere), ``iou_gain`` (IoU(M_t)
-            - IoU(M_{t-1})) or ``target+iou`` (their sum).
+            - IoU(M_{t-1})) or ``target+iou`` (their sum); beyond the paper, ``coverage`` (+1 on a
+            connected component of the target not clicked before in the episode, 0 on one clicked
+            before, -1 off target) and ``target+coverage`` (``target`` plus 1 for a new component:
+            +2, +1, -1). See :func:`step_rewards`.
         feed_mask_input: feed SAM's previous low-res logits back as ``mask_input``.
         greedy_eval: argmax actions in validation and test (else sampled).
 
@@ -100,7 +104,9 @@ class Episodes:
     text_map ``(B, 1, h, w)`` CLIP Surgery map M_c on the embedding grid, or None;
     gt_low ``(B, 4h, 4w)`` bool ground truth in the low-res frame and valid_low its image region;
     gt_grid ``(B, 1, h, w)`` ground-truth fraction per embedding cell (the SRM's target);
-    patch_on_gt ``(B, A)`` bool whether each action's click lands on ground-truth foreground.
+    patch_on_gt ``(B, A)`` bool whether each action's click lands on ground-truth foreground;
+    patch_component ``(B, A)`` long the 8-connected component of the ground truth (original frame)
+    under each action's click, 0 off target, ids unique within an episode (the coverage rewards).
     The ground-truth fields are None when there is no ground truth (prediction).
     """
 
@@ -115,11 +121,14 @@ class Episodes:
     valid_low: Optional[torch.Tensor] = None
     gt_grid: Optional[torch.Tensor] = None
     patch_on_gt: Optional[torch.Tensor] = None
+    patch_component: Optional[torch.Tensor] = None
     sam_embeddings: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.sam_embeddings is None:
             self.sam_embeddings = self.embeddings
+        if self.patch_component is None and self.patch_on_gt is not None:
+            self.patch_component = self.patch_on_gt.long()  # without components: the target is one
 
     @property
     def text_state(self) -> Optional[torch.Tensor]:
@@ -173,10 +182,53 @@ def make_episodes(
         episodes.valid_low = (image_region_on_grid(input_hw, img_size, low_hw)[:, 0] > 0.5).to(device)
         episodes.gt_grid = original_masks_to_sam_grid(masks, input_hw, img_size, emb_hw).to(device)
         centres = patch_centres(grid, embedded.original_hw.cpu()).long()  # (B, A, 2) original frame
-        episodes.patch_on_gt = torch.stack(
-            [m[c[:, 1].clamp(max=m.shape[0] - 1), c[:, 0].clamp(max=m.shape[1] - 1)] for m, c in zip(masks, centres)]
-        ).to(device)
+        episodes.patch_component = torch.stack(
+            [component_at(m, c) for m, c in zip(masks, centres)]).to(device)
+        episodes.patch_on_gt = episodes.patch_component > 0
     return episodes
+
+
+def component_at(mask: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The 8-connected component of ``mask`` under each point (0: background).
+
+    Args:
+        mask: ``(H, W)`` bool ground truth in the original frame.
+        points: ``(A, 2)`` long ``(x, y)`` pixels of the original frame (clamped into the image).
+    Returns:
+        ``(A,)`` long component ids (1..n numbered by OpenCV, unique within the mask).
+    """
+    _, components = cv2.connectedComponents(mask.numpy().astype(np.uint8), connectivity=8)
+    components = torch.from_numpy(components.astype(np.int64))
+    return components[points[:, 1].clamp(max=mask.shape[0] - 1), points[:, 0].clamp(max=mask.shape[1] - 1)]
+
+
+def step_rewards(kind: str, component: torch.Tensor, clicked_components: torch.Tensor, iou_gain: torch.Tensor) -> torch.Tensor:
+    """The reward of one step for every episode (``model.env.reward``).
+
+    Args:
+        kind: one of ``REWARDS``.
+        component: ``(B,)`` long ground-truth component under this step's click (0: off target).
+        clicked_components: ``(B, t)`` long the components under the episode's earlier clicks.
+        iou_gain: ``(B,)`` IoU(M_t) - IoU(M_{t-1}).
+    Returns:
+        ``(B,)`` float: ``target`` +1 on target / -1 off; ``iou_gain``; ``target+iou`` their sum;
+        ``coverage`` +1 on a component no earlier click of the episode hit, 0 on one already hit,
+        -1 off target; ``target+coverage`` ``target`` + 1 for a new component (+2 / +1 / -1).
+    """
+    on_gt = component > 0
+    target = on_gt.float() * 2 - 1  # +1 / -1
+    if kind == "target":
+        return target
+    if kind == "iou_gain":
+        return iou_gain
+    if kind == "target+iou":
+        return target + iou_gain
+    new = on_gt & ~(clicked_components == component[:, None]).any(1)
+    if kind == "coverage":
+        return torch.where(on_gt, new.float(), -torch.ones_like(target))
+    if kind == "target+coverage":
+        return target + new.float()
+    raise ValueError(f"model.env.reward {kind!r} is not one of {', '.join(REWARDS)}")
 
 
 def low_res_iou(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -217,12 +269,16 @@ class PromptingEnv:
     """
 
     def __init__(self, segmenter: Segmenter, config: EnvConfig, srm_threshold: float = PROB_THRESHOLD,
-                 all_positive: bool = False) -> None:
+                 all_positive: bool = False, srm: Optional[SRMConfig] = None) -> None:
         """``srm_threshold``: a click is positive when the SRM probability at it is >= this.
-        ``all_positive``: label every click positive (the "w/o SRM" ablation of evaluate.py)."""
+        ``all_positive``: label every click positive (the "w/o SRM" ablation of evaluate.py).
+        ``srm``: the SRM's config, whose ``threshold``, ``label_rule`` and ``negative_threshold``
+        label the clicks (:func:`alignsam.baselines.srm_point_labels`); given, it replaces
+        ``srm_threshold``."""
         self.segmenter = segmenter
         self.config = config
-        self.srm_threshold = srm_threshold
+        self.srm_config = srm if srm is not None else SRMConfig(threshold=srm_threshold)
+        self.srm_threshold = self.srm_config.threshold
         self.all_positive = all_positive
 
     # -- state ---------------------------------------------------------------------------------------
@@ -291,8 +347,9 @@ class PromptingEnv:
         return iou
 
     def click_labels(self, actions: torch.Tensor, srm_probs: Optional[torch.Tensor]) -> torch.Tensor:
-        """Label ``(B,)`` of each action's click: the SRM's probability there >= threshold, the
-        ground truth when training with ``train_labels: gt``, or 1 with ``all_positive``."""
+        """Label ``(B,)`` of each action's click: the SRM's, by ``model.srm.label_rule`` (default:
+        its probability there >= threshold; -1, not sent to SAM, for a click ``drop`` leaves out),
+        the ground truth when training with ``train_labels: gt``, or 1 with ``all_positive``."""
         rows = torch.arange(len(actions), device=actions.device)
         if self.all_positive:
             return torch.ones_like(actions)
@@ -303,8 +360,7 @@ class PromptingEnv:
         if srm_probs is None:
             raise ValueError("the SRM's probabilities are needed to label clicks")
         points = self.episodes.action_points[rows, actions][:, None]  # (B, 1, 2)
-        prob = sample_at_sam_points(srm_probs.float(), points, self.segmenter.img_size)[:, 0]
-        return (prob >= self.srm_threshold).long()
+        return srm_point_labels(srm_probs, points, self.segmenter.img_size, self.srm_config)[:, 0]
 
     def step(self, actions: torch.Tensor, srm_probs: Optional[torch.Tensor] = None) -> StepResult:
         """Click patch ``actions`` ``(B,)`` in every episode; one batched SAM decode.
@@ -316,6 +372,9 @@ class PromptingEnv:
         if not self.valid[rows, actions].all():
             raise ValueError("an action was chosen twice in one episode (mask the logits with env.valid)")
         labels = self.click_labels(actions, srm_probs)
+        if self.episodes.patch_component is not None:  # before this click joins the clicked ones
+            component = self.episodes.patch_component[rows, actions]
+            clicked_components = self.episodes.patch_component.gather(1, self.clicked)
         came_from_sam = self.points.shape[1] > 0  # else the logits are the all-ones M_0 of init_prompts: none
         self.valid = self.valid.clone()
         self.valid[rows, actions] = False
@@ -329,8 +388,6 @@ class PromptingEnv:
         iou = self._record_iou()
         reward = None
         if iou is not None:
-            on_target = self.episodes.patch_on_gt[rows, actions].float() * 2 - 1  # +1 / -1
-            gain = iou - previous
-            reward = {"target": on_target, "iou_gain": gain, "target+iou": on_target + gain}[self.config.reward]
+            reward = step_rewards(self.config.reward, component, clicked_components, iou - previous)
         self.mask = self.mask_on_grid(self.logits)
         return StepResult(reward, labels, iou, self.state_from_mask(self.mask))

@@ -10,6 +10,9 @@ A = G*G actions.
 
 * ``state`` s_t = E * m(M_{t-1}): ``(B, C, h, w)``.
 * ``text_state`` s_c = E * M_c: ``(B, C, h, w)``, explicit variant only.
+* ``srm_maps``: ``(B, 2, h, w)`` the SRM's foreground probabilities of the unprompted image (E * 1)
+  and of the current state s_t, ``model.policy.srm_input: true`` only (beyond the paper; detached
+  observations, no gradient reaches the SRM).
 * ``pool``: ``(B, A, h*w)``; row ``a`` holds the averaging weights of patch ``a`` over the cells
   (rows sum to 1; cells outside the image region, i.e. SAM's bottom/right padding, weigh 0).
 
@@ -41,9 +44,13 @@ class PolicyConfig:
         groups: GroupNorm groups (must divide ``hidden``). No BatchNorm: rollout batches (no_grad,
             one step of B episodes) and PPO minibatches (shuffled steps) have different statistics.
         value_hidden: width of the value MLP on the pooled features.
+        srm_input: beyond the paper: also see the SRM's foreground maps (``SRM_MAPS`` channels: of
+            the unprompted image, as the "w/o RL" strategy ranks them, and of the current state),
+            through a bias-free 1x1 reduction added to the state's. Off: the paper's policy, and
+            the same parameters as before the option existed.
 
     Out-of-range values raise :class:`~alignsam.errors.ConfigError` naming ``model.policy.<field>``:
-    hidden, groups, value_hidden >= 1, blocks >= 0, groups divides hidden.
+    hidden, groups, value_hidden >= 1, blocks >= 0, groups divides hidden, srm_input a bool.
     """
 
     variant: Variant = "implicit"
@@ -51,16 +58,23 @@ class PolicyConfig:
     blocks: int = 3
     groups: int = 8
     value_hidden: int = 64
+    srm_input: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError("model.policy.variant", f"{self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if not isinstance(self.srm_input, bool):
+            raise ConfigError("model.policy.srm_input", f"{self.srm_input!r} is not one of true, false")
         for key in ("hidden", "groups", "value_hidden"):
             check_range(f"model.policy.{key}", getattr(self, key), 1)
         check_range("model.policy.blocks", self.blocks, 0)
         if self.hidden % self.groups:
             raise ConfigError("model.policy.groups", f"model.policy.hidden ({self.hidden}) must be divisible "
                               f"by the GroupNorm groups ({self.groups})")
+
+
+# channels of ``srm_maps``: the SRM's probability map of the unprompted image and of the current state
+SRM_MAPS = 2
 
 
 def image_region(pool: torch.Tensor, grid_hw: Tuple[int, int]) -> torch.Tensor:
@@ -101,7 +115,8 @@ class ActorCritic(nn.Module):
     Explicit variant: s_t and s_c each get their own 1x1 reduction and the two are summed (the sum of
     two 1x1 convs is one 1x1 conv over their concatenation, without the concatenated tensor). The
     text reduction exists only in the explicit variant, so every parameter of either variant gets a
-    gradient (DDP needs no ``find_unused_parameters``).
+    gradient (DDP needs no ``find_unused_parameters``). ``srm_input`` adds the SRM maps the same way
+    (``reduce_srm``, present only with the option).
     """
 
     def __init__(
@@ -120,6 +135,8 @@ class ActorCritic(nn.Module):
 
         self.reduce = nn.Conv2d(in_channels, hidden, 1)
         self.reduce_text = nn.Conv2d(in_channels, hidden, 1, bias=False) if self.explicit else None
+        self.srm_input = bool(getattr(config, "srm_input", False))  # configs pickled before the option
+        self.reduce_srm = nn.Conv2d(SRM_MAPS, hidden, 1, bias=False) if self.srm_input else None
         self.stem_norm = norm_layer(hidden)
         self.stem_act = act_layer()
         self.blocks = nn.ModuleList(ConvBlock(hidden, norm_layer, act_layer) for _ in range(config.blocks))
@@ -141,7 +158,8 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head[-1].bias)
 
     def forward(
-        self, state: torch.Tensor, pool: torch.Tensor, text_state: Optional[torch.Tensor] = None
+        self, state: torch.Tensor, pool: torch.Tensor, text_state: Optional[torch.Tensor] = None,
+        srm_maps: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits over the action grid and the state value.
 
@@ -151,6 +169,8 @@ class ActorCritic(nn.Module):
             text_state: ``(B, C, h, w)`` s_c for the explicit variant; must be ``None`` for the
                 implicit one (a given text state is an error rather than silently ignored, since it
                 means the env and the policy disagree about the variant).
+            srm_maps: ``(B, SRM_MAPS, h, w)`` the SRM's probabilities (unprompted image, current
+                state) with ``srm_input``; must be ``None`` without it.
         Returns:
             logits ``(B, A)`` (unmasked: invalid actions are masked by the caller), value ``(B,)``.
         """
@@ -161,11 +181,17 @@ class ActorCritic(nn.Module):
             raise ValueError("the explicit policy needs text_state (s_c = E * M_c), got None")
         if not self.explicit and text_state is not None:
             raise ValueError("the implicit policy takes no text_state; use variant='explicit' to feed s_c")
+        if self.srm_input != (srm_maps is not None):
+            raise ValueError("srm_maps must be given exactly when model.policy.srm_input is true")
+        if srm_maps is not None and srm_maps.shape != (b, SRM_MAPS, h, w):
+            raise ValueError(f"srm_maps must be (B={b}, {SRM_MAPS}, h={h}, w={w}), got {tuple(srm_maps.shape)}")
 
         region = image_region(pool, (h, w))  # (B, 1, h, w)
         x = self.reduce(state * region)
         if self.reduce_text is not None:
             x = x + self.reduce_text(text_state * region)
+        if self.reduce_srm is not None:
+            x = x + self.reduce_srm(srm_maps * region)
         x = self.stem_act(self.stem_norm(x)) * region
         for block in self.blocks:
             x = block(x) * region  # (B, hidden, h, w)
