@@ -189,7 +189,9 @@ class EvaluateCLI(AlignSAMCLI):
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("epilog", "To run a trained agent on a folder of your own images: "
-                                    "evaluate.py predict --ckpt_path ... --images DIR --out DIR (evaluate.py predict --help).")
+                                    "evaluate.py predict --ckpt_path ... --images DIR --out DIR (evaluate.py predict --help). "
+                                    "To compare several scored runs (seeds) with bootstrap intervals: "
+                                    "evaluate.py summary --runs DIR ... (evaluate.py summary --help).")
         return super().init_parser(**kwargs)
 
     @staticmethod
@@ -326,11 +328,15 @@ def with_run_config(argv: List[str]) -> List[str]:
 
 
 def evaluate_main(args=None) -> None:
-    """``evaluate.py``: ``test`` (implied) on a dataset split, or ``predict`` on a folder of images.
-    A UserError ends as one line and exit status 2."""
+    """``evaluate.py``: ``test`` (implied) on a dataset split, ``predict`` on a folder of images, or
+    ``summary`` over several scored runs. A UserError ends as one line and exit status 2."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "predict":
         raise SystemExit(predict_main(argv[1:]))
+    if argv and argv[0] == "summary":
+        from alignsam.evaluation.summary import summary_main
+
+        raise SystemExit(summary_main(argv[1:]))
     if not argv or argv[0] != "test":
         argv.insert(0, "test")  # also for -h: the help of test, whose options are evaluate.py's
 

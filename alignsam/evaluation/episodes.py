@@ -180,14 +180,15 @@ def metric_values(metric: DatasetMetric, fields: Mapping[str, np.ndarray], score
         ``(R, M)`` float64.
     """
     w = np.asarray(weights, np.float64)
-    kept = scored.astype(np.float64)  # (M, N)
-    count = w @ kept.T  # (R, M)
+    kept = np.asarray(scored, bool)
+    count = w @ kept.T.astype(np.float64)  # (R, M)
     sums = {}
     for name in metric.fields:
         x = np.asarray(fields[name])
-        flat = (x * kept.reshape(kept.shape + (1,) * (x.ndim - 2))).reshape(x.shape[0], x.shape[1], -1)
-        s = np.einsum("rn,mnf->rmf", w, flat.astype(np.float64))
-        sums[name] = s.reshape(s.shape[:2] + x.shape[2:])
+        m, n, tail = x.shape[0], x.shape[1], x.shape[2:]
+        flat = np.where(kept.reshape(m, n, *(1,) * len(tail)), x, 0).astype(np.float64).reshape(m, n, -1)
+        s = w @ flat.transpose(1, 0, 2).reshape(n, -1)  # one GEMM: (R, N) @ (N, M * F)
+        sums[name] = s.reshape((len(w), m) + tail)
     return metric.reduce(sums, count, meta or {})
 
 
