@@ -6,6 +6,8 @@
   with the number of PPO epochs.
 * ``model.ppo.precision: bf16``: the rollout and the update evaluate the policy on the same
   bfloat16 states, so PPO's first ratios are exactly 1; the update runs and stays finite.
+* ``model.policy.srm_input``: the same holds with the SRM's maps as extra inputs (float32 and bf16),
+  and the PPO update leaves the SRM untouched (the maps are detached observations).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from alignsam.data.scene_data import SceneImages
@@ -29,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SAM = ROOT / "checkpoints" / "tiny_sam.pt"
 
 
-def tiny_module(tmp_path: Path, epochs: int = 3, precision: str = "fp32") -> AlignSAM:
+def tiny_module(tmp_path: Path, epochs: int = 3, precision: str = "fp32", srm_input: bool = False) -> AlignSAM:
     """T = 3 clicks on 4 scenes with minibatches of 5: 12 transitions in minibatches of 5, 5, 2."""
     torch.manual_seed(0)
     return AlignSAM(
         task="saliency", segmenter=SegmenterConfig(name="tiny", checkpoint=str(TINY_SAM)),
-        env=EnvConfig(steps=3, grid=4), policy=PolicyConfig(variant="implicit"), srm=SRMConfig(variant="implicit"),
+        env=EnvConfig(steps=3, grid=4), policy=PolicyConfig(variant="implicit", srm_input=srm_input),
+        srm=SRMConfig(variant="implicit"),
         ppo=PPOConfig(epochs=epochs, minibatch_size=5, precision=precision), feature_cache=str(tmp_path / "cache"),
     )
 
@@ -163,6 +167,35 @@ def test_bf16_rollout_and_update_see_the_same_states(tmp_path):
     assert all(torch.isfinite(v) for v in stats.values())
     assert all(p.dtype == torch.float32 for p in module.agent.parameters())  # float32 weights, bf16 compute
     assert any(not torch.equal(a, p) for a, p in zip(before, module.agent.policy.parameters()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_srm_aware_policy_sees_the_same_inputs_in_the_rollout_and_the_update(tmp_path, precision):
+    """model.policy.srm_input: the update feeds the policy the SRM maps the rollout stored, cast as
+    the rollout cast them, so PPO's first ratios are exactly 1; no gradient reaches the SRM."""
+    module = without_trainer(tiny_module(tmp_path, precision=precision, srm_input=True))
+    episodes, rollout = episodes_and_rollout(module)
+    h, w = module.agent.segmenter.embedding_hw
+    assert rollout.srm_maps.shape == (3, 4, 1, h, w) and rollout.srm_blank.shape == (4, 1, h, w)
+    t_count, b_count = rollout.actions.shape
+    index = torch.randperm(t_count * b_count, generator=torch.Generator().manual_seed(1))
+    t, b = index // b_count, index % b_count
+    embeddings, masks, pool, blank, maps = (ppo.network_input(precision, x) for x in (
+        episodes.embeddings, rollout.masks, episodes.pool, rollout.srm_blank, rollout.srm_maps))
+    srm_maps = module.agent.policy_srm_maps(blank[b], maps[t, b])
+    assert srm_maps.shape == (len(index), 2, h, w)
+    with torch.no_grad(), ppo.autocast(precision, torch.device("cpu")):
+        logits, value = module.agent.policy(embeddings[b] * masks[t, b], pool[b], None, srm_maps)
+    log_probs = ppo.action_log_probs(logits.float(), rollout.valid[t, b], rollout.actions[t, b])
+    assert torch.equal(log_probs, rollout.log_probs[t, b])  # PPO's first ratios are exactly 1
+    assert torch.equal(value.float(), rollout.values[t, b])
+
+    srm_before = [p.detach().clone() for p in module.agent.srm.parameters()]
+    policy_before = module.agent.policy.reduce_srm.weight.detach().clone()
+    stats = module.ppo_update(episodes, rollout)
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert all(torch.equal(a, p) and p.grad is None for a, p in zip(srm_before, module.agent.srm.parameters()))
+    assert not torch.equal(policy_before, module.agent.policy.reduce_srm.weight)  # the new input is learnt from
 
 
 def test_the_srm_is_not_run_when_nothing_reads_it(tmp_path, monkeypatch):
