@@ -4,10 +4,13 @@
     python evaluate.py --config conf/voc.yaml --ckpt_path ... --save_predictions predictions/voc
     python evaluate.py --config ... --ckpt_path ... --strategies '[agent, no_rl, oracle]'
     python evaluate.py predict --ckpt_path ... --images my_photos/ --out predictions/mine [--text cat]
+    python evaluate.py summary --runs logs/std/s0 logs/std/s1 logs/std/s2 [--out summary]
 
 The first form (the ``test`` subcommand, implied) scores every strategy of
 alignsam/evaluation/strategies.py on the test split with the same cached embeddings and writes the
-table to ``<run>/evaluation/test.md`` / ``test.csv`` (and TensorBoard). See docs/evaluation.md.
+table to ``<run>/evaluation/test.md`` / ``test.csv`` (and TensorBoard), with the per-episode
+statistics in ``test_episodes.npz``; ``summary`` turns several such runs (seeds, agent variants)
+into mean ± sd and paired bootstrap intervals. See docs/evaluation.md.
 """
 from alignsam.cli import evaluate_main
 
