@@ -169,11 +169,11 @@ def _with_seeds(ctx: BatchContext, points: torch.Tensor, labels: torch.Tensor) -
 
 
 def srm_labels(ctx: BatchContext, points: torch.Tensor) -> torch.Tensor:
-    """The SRM's label of each click ``(B, n, 2)`` (SAM frame) -> ``(B, n)`` long, 1 positive: its
-    map of the unprompted image at the click, against ``srm.threshold``. The one labelling rule of
-    the patch baselines ``grid_srm`` and ``random_srm``."""
-    prob = sample_at_sam_points(ctx.srm_probs(), points, ctx.agent.segmenter.img_size)
-    return (prob >= ctx.agent.srm_config.threshold).long()
+    """The SRM's label of each click ``(B, n, 2)`` (SAM frame) -> ``(B, n)`` long, 1 positive, 0
+    negative, -1 dropped: its map of the unprompted image at the click, by the agent's
+    ``model.srm.label_rule`` (:func:`alignsam.baselines.srm_point_labels`, the rule the agent's own
+    clicks get). The labelling of the patch baselines ``grid_srm`` and ``random_srm``."""
+    return baselines.srm_point_labels(ctx.srm_probs(), points, ctx.agent.segmenter.img_size, ctx.agent.srm_config)
 
 
 def _srm_labelled_patches(ctx: BatchContext, actions: torch.Tensor) -> Outcome:

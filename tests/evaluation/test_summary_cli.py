@@ -157,6 +157,24 @@ def test_random_srm_clicks_distinct_random_patches_labelled_as_grid_srm_labels_t
     assert torch.equal(again.points.flip(0), outcome.points)
 
 
+@pytest.mark.parametrize("name", ["grid_srm", "random_srm"])
+def test_patch_baselines_label_by_the_agents_label_rule(untrained, name):
+    """model.srm.label_rule reaches the strategies that label patches by the SRM, as it reaches the
+    agent's clicks: with 'confident' and negative_threshold 0 nothing is labelled negative; with
+    'drop' and the thresholds either side of every probability every click is dropped (-1)."""
+    data = tiny_data("saliency")
+    ctx = context(untrained, [data.test_dataset[i] for i in range(3)])
+    config = untrained.agent.srm_config
+    saved = (config.label_rule, config.threshold, config.negative_threshold)
+    try:
+        config.label_rule, config.negative_threshold = "confident", 0.0
+        assert (STRATEGIES[name].run(ctx).labels[:, 2:] == 1).all()
+        config.label_rule, config.threshold, config.negative_threshold = "drop", 1.01, 0.0
+        assert (STRATEGIES[name].run(ctx).labels[:, 2:] == -1).all()
+    finally:
+        config.label_rule, config.threshold, config.negative_threshold = saved
+
+
 def test_units_a_strategy_could_not_score_are_marked_and_left_out(tmp_path):
     L.seed_everything(0)
     model = tiny_model("categories", tmp_path / "cache")
