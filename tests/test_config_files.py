@@ -24,8 +24,10 @@ from alignsam.errors import ConfigError, exit_on_user_error
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SNAPSHOTS = Path(__file__).resolve().parent / "config_snapshots"
-# every task config: conf/*.yaml and conf/scenes/*.yaml but the bases (_*.yaml) and the matcher's options
-TASK_CONFIGS = sorted(p for p in [*CONF.glob("*.yaml"), *(CONF / "scenes").glob("*.yaml")]
+# every task config: conf/*.yaml, conf/scenes/*.yaml and conf/scenes/hard/*.yaml (the hard world) but the
+# bases (_*.yaml) and the matcher's options
+TASK_CONFIGS = sorted(p for p in [*CONF.glob("*.yaml"), *(CONF / "scenes").glob("*.yaml"),
+                                  *(CONF / "scenes" / "hard").glob("*.yaml")]
                       if not p.name.startswith("_") and p.name != "matcher_tiny.yaml")
 # dotted keys of a snapshot that the split legitimately removed from a task config's resolution
 DISAPPEARED_KEYS: dict = {}
@@ -118,6 +120,7 @@ def test_the_bases_of_the_task_configs():
     assert chain("voc.yaml") == ["_base.yaml"]
     assert chain("scenes/shadow.yaml") == ["_base.yaml", "scenes/_base.yaml"]
     assert chain("demo.yaml") == ["_base.yaml", "scenes/_base.yaml", "scenes/saliency.yaml"]
+    assert chain("scenes/hard/glass.yaml") == ["_base.yaml", "scenes/_base.yaml", "scenes/glass.yaml"]
     for config in TASK_CONFIGS:  # each names its task itself (tests/test_train_cli.py reads it there)
         assert yaml.safe_load(config.read_text())["model"]["task"]
 

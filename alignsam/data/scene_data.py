@@ -24,7 +24,7 @@ from alignsam.data.datamodule import CheckFiles, _FewShotDataModule, check_data_
 from alignsam.data.augment import AugmentConfig
 from alignsam.data.files import DataConfigError
 from alignsam.data.sample import Sample
-from alignsam.data.scenes import CATEGORY_NAMES, SPLIT_SEED_BASE, TASK_TEXT, TASKS, SceneConfig, render_scene
+from alignsam.data.scenes import CATEGORY_NAMES, SPLIT_SEED_BASE, TASK_TEXT, TASKS, WORLDS, SceneConfig, render_scene
 from alignsam.data.voc import VOCEpisodes
 
 # Rendered scenes a SceneImages keeps (least recently used dropped first): ~0.26 MB a 256 px scene,
@@ -40,7 +40,7 @@ class SceneImages(Dataset):
         task: one of ``TASKS``.
         seeds: the scene seeds (absolute, i.e. already offset into the split's range).
         text: episode text of binary tasks (default ``TASK_TEXT[task]``).
-        scene_config: generator knobs.
+        scene_config: generator knobs (``scene_config.world``: which world's scenes).
     """
 
     def __init__(self, task: str, seeds: Sequence[int], text: Optional[str] = None,
@@ -54,7 +54,10 @@ class SceneImages(Dataset):
 
     @property
     def ids(self) -> List[str]:
-        return [f"{self.task}-{seed}" for seed in self.seeds]
+        """``<task>-<seed>`` in the standard world, ``<world>-<task>-<seed>`` in another (a few-shot
+        ids file of one world names no scene of the other)."""
+        prefix = "" if self.scene_config.world == "standard" else f"{self.scene_config.world}-"
+        return [f"{prefix}{self.task}-{seed}" for seed in self.seeds]
 
     @property
     def image_paths(self) -> List:
@@ -113,6 +116,9 @@ class SceneDataModule(_FewShotDataModule):
             (the ``val_size`` validation scenes: every strategy on validation, for choosing a config
             before the test split is looked at).
         text: episode text of binary tasks (default the task word, e.g. ``shadow``).
+        world: ``standard`` (default; the scenes of every result so far) or ``hard`` (distractors that
+            share the target's look, targets in more and smaller pieces, lower contrast, occlusion:
+            :mod:`alignsam.data.hard_scenes`, docs/bundled-world.md "The hard world").
         Others as in :class:`~alignsam.data.datamodule.BinaryMaskDataModule`.
     """
 
@@ -127,6 +133,7 @@ class SceneDataModule(_FewShotDataModule):
         test_size: int = 200,
         test_split: str = "test",
         text: Optional[str] = None,
+        world: str = "standard",
         augment_views: int = 0,
         augment: AugmentConfig = AugmentConfig(),
         batch_size: int = 8,
@@ -137,15 +144,17 @@ class SceneDataModule(_FewShotDataModule):
         super().__init__()
         if test_split not in ("test", "val"):
             raise DataConfigError("data.test_split", f"'{test_split}' is not a split to score; use test or val")
+        if world not in WORLDS:
+            raise DataConfigError("data.world", f"unknown scene world '{world}'; known: {', '.join(WORLDS)}")
         check_data_args(train_pool=train_pool, train_size=train_size, val_size=val_size, test_size=test_size,
                         subset_seed=subset_seed, augment_views=augment_views, batch_size=batch_size,
                         eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.save_hyperparameters(ignore=["augment"])
         self.augment = augment
+        scenes = SceneConfig(world=world)
         self._pools = {
-            "train": SceneImages(task, range(SPLIT_SEED_BASE["train"], SPLIT_SEED_BASE["train"] + train_pool), text),
-            "val": SceneImages(task, range(SPLIT_SEED_BASE["val"], SPLIT_SEED_BASE["val"] + val_size), text),
-            "test": SceneImages(task, range(SPLIT_SEED_BASE["test"], SPLIT_SEED_BASE["test"] + test_size), text),
+            split: SceneImages(task, range(SPLIT_SEED_BASE[split], SPLIT_SEED_BASE[split] + size), text, scenes)
+            for split, size in (("train", train_pool), ("val", val_size), ("test", test_size))
         }
         if test_split == "val":
             self._pools["test"] = self._pools["val"]
@@ -156,7 +165,8 @@ class SceneDataModule(_FewShotDataModule):
 
     def _ids_header(self) -> List[str]:
         h = self.hparams
-        return [f"SceneDataModule task={h.task} train_pool={h.train_pool} train_size={h.train_size} "
+        world = "" if h.world == "standard" else f" world={h.world}"
+        return [f"SceneDataModule task={h.task}{world} train_pool={h.train_pool} train_size={h.train_size} "
                 f"subset_seed={h.subset_seed} train_ids_file={h.train_ids_file}",
                 "scene ids of the few-shot training set; data.train_ids_file reads this file back"]
 

@@ -111,10 +111,19 @@ class Scene:
         return out
 
 
+WORLDS = ("standard", "hard")  # the standard world; the hard one (alignsam/data/hard_scenes.py)
+
+
 @dataclass(frozen=True)
 class SceneConfig:
-    """Knobs of the generator (defaults are the bundled world's)."""
+    """Knobs of the generator (defaults are the bundled world's).
 
+    world: ``standard`` (the scenes every result so far was measured on) or ``hard`` (distractors
+    that share the target's look, targets in more and smaller pieces, lower contrast, occlusion;
+    :mod:`alignsam.data.hard_scenes`, which reads the fields below only where it keeps them).
+    """
+
+    world: str = "standard"
     size: int = 256
     min_objects: int = 3
     max_objects: int = 6
@@ -398,13 +407,19 @@ def _saliency_scene(rng, cfg, seed) -> Scene:
     return _finish("saliency", seed, canvas, regions, [len(regions) - 1])
 
 
+def scene_rng(task: str, seed: int, world: str = "standard") -> np.random.Generator:
+    """The random stream a scene is drawn from: ``[seed, task index]`` in the standard world, with a
+    third entry in the hard one (its own stream, so no standard scene changes)."""
+    entropy = [seed, TASKS.index(task)] + ([WORLDS.index(world)] if world != "standard" else [])
+    return np.random.default_rng(entropy)
+
+
 def scene_categories(seed: int, cfg: SceneConfig = SceneConfig()) -> List[str]:
     """The categories a ``categories`` scene is drawn with (cheap: no rendering).
 
     A category may still end up fully occluded; :meth:`Scene.categories_present` is the truth.
     """
-    rng = np.random.default_rng([seed, TASKS.index("categories")])
-    return _pick_categories(rng, cfg)
+    return _pick_categories(scene_rng("categories", seed, cfg.world), cfg)
 
 
 def _pick_categories(rng, cfg) -> List[str]:
@@ -439,8 +454,14 @@ _GENERATORS = {
 
 
 def render_scene(task: str, seed: int, cfg: SceneConfig = SceneConfig()) -> Scene:
-    """Render the scene of ``task`` for ``seed`` (same inputs, same pixels)."""
+    """Render the scene of ``task`` for ``seed`` in ``cfg.world`` (same inputs, same pixels)."""
     if task not in _GENERATORS:
         raise ValueError(f"unknown scene task '{task}' (config key data.task); known: {TASKS}")
-    rng = np.random.default_rng([seed, TASKS.index(task)])
+    if cfg.world == "hard":
+        from alignsam.data.hard_scenes import render_hard_scene
+
+        return render_hard_scene(task, seed, cfg)
+    if cfg.world != "standard":
+        raise ValueError(f"unknown scene world '{cfg.world}' (config key data.world); known: {WORLDS}")
+    rng = scene_rng(task, seed, cfg.world)
     return _GENERATORS[task](rng, cfg, seed)

@@ -6,11 +6,15 @@ digests hold for this repository's numpy and OpenCV builds; another OpenCV build
 differently, and then this test says so before any result does.)
 """
 import hashlib
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
-from alignsam.data.scenes import TASKS, render_scene
+from alignsam.data.scene_data import SceneDataModule
+from alignsam.data.scenes import (CATEGORIES, CATEGORY_NAMES, REGION_KINDS, SPLIT_SEED_BASE, TASKS, SceneConfig,
+                                  render_scene, scene_categories)
 
 # sha256 (first 16 hex digits) of scene_digest over the standard world, taken before the hard
 # world was added (commit 35337a4's generator): one train, one val and one test seed per task.
@@ -47,3 +51,118 @@ def scene_digest(scene) -> str:
 @pytest.mark.parametrize("task, seed", sorted(STANDARD_DIGESTS), ids=lambda v: str(v))
 def test_standard_scenes_are_bit_identical_to_before(task, seed):
     assert scene_digest(render_scene(task, seed)) == STANDARD_DIGESTS[(task, seed)]
+
+
+# -- the hard world ------------------------------------------------------------------------------------
+HARD = SceneConfig(world="hard")
+VAL = [SPLIT_SEED_BASE["val"] + i for i in range(12)]
+
+
+def pieces(mask: np.ndarray) -> int:
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_hard_scenes_are_deterministic_and_not_the_standard_ones(task):
+    a, b = render_scene(task, 5, HARD), render_scene(task, 5, HARD)
+    assert a.image.shape == (256, 256, 3) and a.image.dtype == np.uint8
+    assert scene_digest(a) == scene_digest(b)
+    assert not np.array_equal(a.image, render_scene(task, 5).image)
+    assert not np.array_equal(a.image, render_scene(task, 6, HARD).image)
+    kinds = {r.kind for r in a.regions}
+    assert kinds <= set(REGION_KINDS) and kinds & {"object"}
+
+
+@pytest.mark.parametrize("task", ["blur", "shadow", "glass", "saliency"])
+def test_hard_targets_come_in_more_pieces_and_are_occluded(task):
+    hard = [render_scene(task, s, HARD) for s in VAL]
+    standard = [render_scene(task, s) for s in VAL]
+    assert np.mean([pieces(s.target()) for s in hard]) > np.mean([pieces(s.target()) for s in standard])
+    for scene in hard:
+        target = scene.target()
+        assert 0.003 < target.mean() < 0.9, (task, scene.seed)
+        bars = [r.mask for r in scene.regions if r.shape == "bar"]
+        grown = cv2.dilate(target.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert any((bar & grown).any() for bar in bars), (task, scene.seed)  # a bar lies over the target
+
+
+def _hue(rgb_mean: np.ndarray) -> float:
+    return cv2.cvtColor(rgb_mean.reshape(1, 1, 3).astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)[0, 0, 0] * 360 / 256
+
+
+def test_hard_distractors_share_the_targets_look():
+    """Every task has distractors that look like its target (the point of the hard world)."""
+    for seed in VAL[:5]:
+        shadow = render_scene("shadow", seed, HARD)
+        stains = [r.mask for r in shadow.regions if r.shape == "stain"]
+        assert stains, seed
+        luminance = shadow.image.mean(-1)
+        # a stain is about as dark as the shadows (both darken the ground by the same factor)
+        assert abs(luminance[stains[0]].mean() - luminance[shadow.target()].mean()) < 40
+        glass = render_scene("glass", seed, HARD)
+        assert any(r.shape == "panel" for r in glass.regions), seed
+        salient = render_scene("saliency", seed, HARD)
+        colour = salient.regions[salient.target_regions[0]].colour
+        assert [r for r in salient.regions[:-1] if r.shape == "accent" and r.colour == colour], seed
+        categories = render_scene("categories", seed, HARD)
+        present = {CATEGORIES[CATEGORY_NAMES.index(c)].colour for c in categories.categories_present()}
+        lookalikes = [r for r in categories.regions if r.kind == "object" and r.category is None
+                      and r.colour in present]
+        assert lookalikes, seed
+        blur = render_scene("blur", seed, HARD)
+        target, objects = blur.target(), [r for r in blur.regions if r.kind == "object" and r.shape != "bar"]
+        blurred = {r.colour for r in objects if (r.mask & target).sum() > 0.5 * r.mask.sum()}
+        sharp_twins = [r for r in objects if r.colour in blurred and not (r.mask & target).any()]
+        assert sharp_twins, seed
+
+
+def test_hard_category_lookalikes_have_another_shape():
+    for seed in VAL:
+        scene = render_scene("categories", seed, HARD)
+        for region in scene.regions:
+            if region.kind == "object" and region.category is None and region.shape != "bar":
+                owner = next(c for c in CATEGORIES if c.colour == region.colour)
+                assert region.shape != owner.shape, (seed, region.shape, region.colour)
+        assert set(scene.categories_present()) <= set(scene_categories(seed, HARD))
+
+
+def test_scene_datamodule_world(tmp_path):
+    hard = SceneDataModule("glass", train_pool=20, train_size=3, val_size=2, test_size=2, world="hard",
+                           fewshot_ids_dir=str(tmp_path))
+    standard = SceneDataModule("glass", train_pool=20, train_size=3, val_size=2, test_size=2)
+    assert [s["id"] for s in hard.val_dataset] == ["hard-glass-1000000", "hard-glass-1000001"]
+    assert [s["id"] for s in standard.val_dataset] == ["glass-1000000", "glass-1000001"]
+    assert np.array_equal(hard.val_dataset[0]["image"], render_scene("glass", 1_000_000, HARD).image)
+    assert np.array_equal(standard.val_dataset[0]["image"], render_scene("glass", 1_000_000).image)
+    hard.setup("fit")
+    assert "world=hard" in (tmp_path / "fewshot_ids.txt").read_text()
+    with pytest.raises(Exception, match=r"data\.world"):
+        SceneDataModule("glass", world="harder")
+    with pytest.raises(ValueError, match=r"data\.world"):
+        render_scene("glass", 1, SceneConfig(world="harder"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_hard_configs_build_the_hard_world_and_log_apart(task):
+    from alignsam.config_files import load_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "scenes"
+    hard, standard = load_config(conf / "hard" / f"{task}.yaml"), load_config(conf / f"{task}.yaml")
+    assert hard["data"]["init_args"]["world"] == "hard" and hard["model"]["task"] == task
+    assert hard["trainer"]["logger"]["init_args"]["save_dir"] != standard["trainer"]["logger"]["init_args"]["save_dir"]
+    assert hard["model"] == standard["model"]  # the same method, only the world differs
+
+
+def test_gap_table_and_checkpoint_arguments():
+    from alignsam.data.scene_gaps import markdown, parse_checkpoints
+
+    row = {"task": "glass", "metric": "miou_fgbg", "steps": 5, "episodes": 64, "oracle": 0.8, "best": "persam",
+           "best_value": 0.6, "gap": 0.2, "values": {"centre": 0.3, "persam": 0.6, "oracle": 0.8}}
+    low = dict(row, task="shadow", gap=0.1, values={"centre": 0.3, "persam": 0.7, "oracle": 0.8})
+    table = markdown([row, low]).splitlines()
+    assert table[0].startswith("| task (metric) | episodes | centre click | PerSAM-style | oracle")
+    assert table[2].endswith("| 0.800 | PerSAM-style | **0.200** |")
+    assert table[3].endswith("**0.100** (below 0.15) |")
+    assert parse_checkpoints(["glass=a/last.ckpt"]) == {"glass": "a/last.ckpt"}
+    with pytest.raises(Exception, match="--ckpt"):
+        parse_checkpoints(["smoke=a.ckpt"])
