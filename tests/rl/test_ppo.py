@@ -31,7 +31,7 @@ def test_config_defaults_are_the_documented_ones():
     assert (cfg.gamma, cfg.gae_lambda, cfg.epochs, cfg.clip) == (0.99, 0.95, 20, 0.2)
     assert (cfg.value_coef, cfg.entropy_coef, cfg.max_grad_norm) == (0.5, 0.01, 0.5)
     assert (cfg.lr, cfg.adam_eps, cfg.minibatch_size) == (1e-4, 1e-5, 64)
-    assert cfg.normalize_advantages is True and cfg.clip_value_loss is False and cfg.precision == "fp32"
+    assert cfg.normalize_advantages is True and cfg.clip_value_loss is False and cfg.precision == "auto"
     with pytest.raises(ValueError):
         PPOConfig(gamma=1.5)
     with pytest.raises(ValueError):
@@ -349,7 +349,7 @@ def test_all_states_in_transition_order_and_bounded(monkeypatch):
 
 
 def test_precision_is_checked_and_casts_only_for_bf16():
-    assert PPOConfig().precision == "fp32"
+    assert PPOConfig().precision == "auto"  # tests/test_precision_auto.py
     with pytest.raises(ConfigError, match="model.ppo.precision"):
         PPOConfig(precision="fp16")
     x = torch.ones(2)
