@@ -285,8 +285,7 @@ class EvaluateCLI(AlignSAMCLI):
         (:mod:`alignsam.evaluation.episodes`), or None when the evaluator kept none."""
         from alignsam.evaluation.episodes import episodes_path
 
-        evaluator = getattr(self.model, "_evaluator", None)  # the test loop's Evaluator (alignsam/module.py)
-        episodes = getattr(evaluator, "episodes", None)
+        episodes = self.model.test_episodes  # set by the test loop (alignsam/module.py)
         if episodes is None:
             return None
         episodes.meta.update(split=split, seed=int(self.model.hparams.seed), checkpoint=display_path(ckpt))

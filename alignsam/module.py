@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from alignsam.agent import AGENT_PREFIX, Agent, Rollout, SegmenterConfig, as_config, plain_config
+from alignsam.evaluation.episodes import EpisodeStatistics
 from alignsam.evaluation.evaluator import Evaluator
 from alignsam.evaluation.scoring import original_logits
 from alignsam.foundation.segmenter import EmbeddedImages
@@ -88,6 +89,8 @@ class AlignSAM(L.LightningModule):
         self.agent = Agent(task, segmenter, env, policy, srm, ppo, matcher, feature_cache, num_classes, seed)
         self.validation_table: Dict[str, Dict[str, float]] = {}
         self.test_table: Dict[str, Dict[str, float]] = {}
+        # the test loop's per-episode statistics (evaluate.py writes them to test_episodes.npz)
+        self.test_episodes: Optional[EpisodeStatistics] = None
         # set by evaluate.py (EvaluateCLI.before_test) before trainer.test
         self.test_strategies: Optional[List[str]] = None
         self.oracle_clicks = 20
@@ -216,7 +219,7 @@ class AlignSAM(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._run_baselines = not self._baseline_results and not self.trainer.sanity_checking
         strategies = ["agent"] + (list(BASELINES) if self._run_baselines else [])
-        self._evaluator = Evaluator(self.agent, strategies, seed=self.hparams.seed + 1)
+        self._evaluator = Evaluator(self.agent, strategies, seed=self.hparams.seed + 1, keep_episodes=False)
 
     def on_test_epoch_start(self) -> None:
         from alignsam.evaluation.strategies import STRATEGIES, check_strategies, default_strategies
@@ -253,6 +256,7 @@ class AlignSAM(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.test_table = self._evaluator.compute()
+        self.test_episodes = self._evaluator.episodes
         if self.prediction_hook is not None and hasattr(self.prediction_hook, "finish"):
             self.prediction_hook.finish(self._evaluator)
         if self.logger is not None:  # evaluate.py has none: it writes the table and its own events
