@@ -3,15 +3,16 @@
 The standard scenes (:mod:`alignsam.data.scenes`) let a colour or a local look give the target
 away. Here every task adds what makes the paper's datasets hard, each to the task's own kind:
 
-* **distractors that share the target's look**: dark stains on the ground that are no shadow;
-  tinted panels that tint like glass but do not refract; same-hue accents beside the salient
-  object; objects of a category's colour but another shape; sharp twins of the blurred objects.
+* **distractors that share the target's look**: dark stains on the ground that are no shadow, as
+  large as the shadows, and dark objects; tinted panels that tint like glass but do not refract;
+  rivals of the salient object's colour at nearly its size, and smaller same-hue accents; objects of a category's colour but another shape; sharp twins of the blurred objects.
   A detector of colour or darkness alone (the text side, a per-patch classifier) is then wrong.
 * **targets in more and smaller pieces**: more, smaller casters, instances and blurred objects;
   window frames across the panes.
 * **lower contrast** between target and background: lighter shadows, weaker refraction and tint,
   a less saturated salient object, gentler defocus, duller category colours.
-* **occlusion**: bars and objects lying over the targets, cutting them into pieces.
+* **occlusion**: bars and objects lying over the targets, cutting them into pieces (on shadow,
+  glass and saliency over the look-alikes too, so that a bar marks nothing).
 
 What stays fixed: a task's target is still what a click on it should segment (the tiny SAM's
 one-click IoU on the target is the check; docs/bundled-world.md, "The hard world").
@@ -22,7 +23,7 @@ are untouched. The knobs are :class:`HardKnobs` (defaults: the calibrated world)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Tuple
 
 import cv2
@@ -38,11 +39,15 @@ class HardKnobs:
     """What the hard world changes, task by task (ranges are uniform draws)."""
 
     # shadow
-    shadow_casters: Tuple[int, int] = (4, 6)
-    shadow_caster_scale: float = 0.7  # object radius relative to the standard range
+    shadow_casters: Tuple[int, int] = (2, 3)
+    shadow_caster_scale: float = 0.75  # object radius relative to the standard range
+    shadow_offset: Tuple[float, float] = (0.15, 0.24)  # standard (0.09, 0.16): a lower sun, whole shadows
     shadow_darkness: Tuple[float, float] = (0.4, 0.58)  # standard (0.35, 0.55): lighter, lower contrast
-    shadow_softness: Tuple[float, float] = (1.5, 3.5)  # standard (1.0, 2.5)
-    shadow_stains: Tuple[int, int] = (4, 6)  # dark stains, darkened like a shadow
+    shadow_softness: Tuple[float, float] = (1.0, 2.5)  # standard (1.0, 2.5)
+    shadow_stains: Tuple[int, int] = (7, 9)  # dark stains, darkened like a shadow
+    shadow_stain_radius: Tuple[float, float] = (0.05, 0.13)  # fraction of the side, as the casters (and their shadows)
+    shadow_dark_casters: float = 0.35  # share of casters painted the colour of the shadowed ground
+    shadow_ground_texture: float = 1.5  # ground texture amplitude relative to the standard one
     # glass
     glass_panes: Tuple[int, int] = (2, 3)
     glass_pane_side: Tuple[float, float] = (0.2, 0.4)  # standard (0.22, 0.5)
@@ -50,12 +55,15 @@ class HardKnobs:
     glass_ripple: Tuple[float, float] = (1.5, 3.0)  # standard (2.5, 5.0)
     glass_tint: float = 0.18  # share of the tint (standard 0.22)
     glass_edge: float = 0.3  # share of white on a pane's edge (standard 0.4)
-    glass_panels: Tuple[int, int] = (2, 3)  # tinted panels that do not refract
-    glass_frame_share: float = 0.5  # panes and panels with a frame bar across them
+    glass_panels: Tuple[int, int] = (3, 4)  # tinted panels that do not refract
+    glass_frame_share: float = 0.3  # panes and panels with a frame bar across them
     # saliency
     salient_hue_offset: float = 70.0  # salient hue = background + 180 +- this (standard 40)
     salient_saturation: Tuple[float, float] = (0.5, 0.8)  # standard (0.8, 1.0)
     salient_accents: Tuple[int, int] = (3, 4)  # smaller objects of the salient object's colour
+    salient_rivals: Tuple[int, int] = (1, 2)  # objects of the salient object's colour and nearly its size
+    salient_rival_size: Tuple[float, float] = (0.8, 1.0)  # rival radius relative to the salient object's
+    salient_rival_gap: int = 12  # pixels between a rival and the salient object (or another rival)
     # categories
     category_instances: Tuple[int, int] = (4, 7)
     category_scale: float = 0.7
@@ -127,11 +135,20 @@ def _finish_binary(task: str, seed: int, canvas: np.ndarray, regions: List[Regio
 # -- tasks ---------------------------------------------------------------------------------------------
 def _shadow_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
     size = cfg.size
-    canvas = _background(rng, cfg, low_saturation=False)
+    canvas = _background(rng, replace(cfg, texture_amplitude=cfg.texture_amplitude * knobs.shadow_ground_texture),
+                         low_saturation=False)
     count = _draw(rng, knobs.shadow_casters)
-    objects = _place_objects(rng, cfg, count, _random_specs(rng, count), radius_scale=knobs.shadow_caster_scale)
+    darkness = rng.uniform(*knobs.shadow_darkness)
+    specs = _random_specs(rng, count)
+    ground = canvas.mean((0, 1))
+    ground_hue = float(cv2.cvtColor(np.clip(ground, 0, 255).astype(np.uint8)[None, None],
+                                    cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]) * 360 / 256
+    for i, (shape, _, _, category) in enumerate(specs):  # dark objects: the colour of shadowed ground
+        if rng.random() < knobs.shadow_dark_casters:
+            specs[i] = (shape, base._colour_name(ground_hue), ground * darkness * rng.uniform(0.9, 1.1), category)
+    objects = _place_objects(rng, cfg, count, specs, radius_scale=knobs.shadow_caster_scale)
     angle = rng.uniform(0, 2 * np.pi)
-    dist = rng.uniform(*cfg.shadow_offset) * size
+    dist = rng.uniform(*knobs.shadow_offset) * size
     shift = np.float32([[1, 0, dist * np.cos(angle)], [0, 1, dist * np.sin(angle)]])
     cast = np.zeros((size, size), np.float32)
     for obj in objects:
@@ -142,11 +159,11 @@ def _shadow_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
     stains = np.zeros((size, size), np.float32)
     for _ in range(_draw(rng, knobs.shadow_stains)):
         blob = _shape_mask(size, SHAPES[rng.integers(len(SHAPES))], *rng.uniform(0.1, 0.9, 2) * size,
-                           rng.uniform(0.06, 0.12) * size, rng.uniform(0, 2 * np.pi), rng.uniform(0.45, 0.8))
+                           rng.uniform(*knobs.shadow_stain_radius) * size, rng.uniform(0, 2 * np.pi),
+                           rng.uniform(0.45, 0.8))
         stains = np.maximum(stains, blob.astype(np.float32))
     apart = cv2.dilate((cast > 0).astype(np.uint8), np.ones((9, 9), np.uint8)) == 0  # stains do not touch shadows
     stains = cv2.GaussianBlur(stains * apart, (0, 0), softness) * (1 - soft)
-    darkness = rng.uniform(*knobs.shadow_darkness)
     canvas = canvas * (1 - (1 - darkness) * np.maximum(soft, stains)[..., None])
     _paint_objects(rng, canvas, objects, cfg)
     objects_union = _union([obj.mask for obj in objects], (size, size))
@@ -156,7 +173,10 @@ def _shadow_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
     if stain.any():
         regions.append(Region("object", stain, "stain"))
     regions.append(Region("shadow", shadow))
-    _paint_over(rng, canvas, _occluding_bars(rng, cfg, shadow, knobs), cfg, regions)
+    bars = _occluding_bars(rng, cfg, shadow, knobs)
+    if stain.any():  # and over the stains: a bar across a dark patch must not mark it as the shadow
+        bars += _occluding_bars(rng, cfg, stain, knobs)
+    _paint_over(rng, canvas, bars, cfg, regions)
     return _finish_binary("shadow", seed, canvas, regions, "shadow")
 
 
@@ -212,6 +232,8 @@ def _glass_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
     pane_union = _union(panes, (size, size))
     cover = [_Object("frame", "frame", frame_rgb, m & covered) for m in frames if (m & covered).any()]
     cover += _occluding_bars(rng, cfg, pane_union, knobs)
+    if panels:  # and over the panels: a bar across glazing must not mark it as a pane
+        cover += _occluding_bars(rng, cfg, _union(panels, (size, size)), knobs)
     _paint_over(rng, canvas, cover, cfg, regions)
     return _finish_binary("glass", seed, canvas, regions, "pane")
 
@@ -231,8 +253,8 @@ def _saliency_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene
     salient_hue = hue + 180 + rng.uniform(-knobs.salient_hue_offset, knobs.salient_hue_offset)
     salient_sat, salient_val = rng.uniform(*knobs.salient_saturation), rng.uniform(0.75, 0.95)
     shape = SHAPES[rng.integers(len(SHAPES))]
-    mask = _shape_mask(size, shape, *_off_centre(rng) * size, rng.uniform(0.12, 0.2) * size,
-                       rng.uniform(0, 2 * np.pi), 0.6)
+    radius = rng.uniform(0.12, 0.2) * size
+    mask = _shape_mask(size, shape, *_off_centre(rng) * size, radius, rng.uniform(0, 2 * np.pi), 0.6)
     salient = _Object(shape, base._colour_name(salient_hue), _hsv_to_rgb(salient_hue, salient_sat, salient_val), mask)
     accents = []  # small objects of the salient colour, away from it: salient is the one that stands out as a whole
     for _ in range(_draw(rng, knobs.salient_accents)):
@@ -242,11 +264,33 @@ def _saliency_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene
         if accent.any():
             rgb = _hsv_to_rgb(salient_hue + rng.uniform(-10, 10), salient_sat, salient_val)
             accents.append(_Object("accent", salient.colour_name, rgb, accent))
-    objects += [salient] + accents
+    # rivals: the salient object's colour at nearly its size, not annotated. Which of the striking objects
+    # is "the salient one" (here the largest) is then a judgement the few-shot labels teach, as in the
+    # real datasets, not a colour a per-patch detector can find.
+    rivals = []
+    apart = np.ones((2 * knobs.salient_rival_gap + 1,) * 2, np.uint8)
+    taken = cv2.dilate((mask | _union([o.mask for o in accents], mask.shape)).astype(np.uint8), apart).astype(bool)
+    for _ in range(_draw(rng, knobs.salient_rivals)):
+        shape, scale = SHAPES[rng.integers(len(SHAPES))], rng.uniform(*knobs.salient_rival_size)
+        angle = rng.uniform(0, 2 * np.pi)
+        for _ in range(100):  # a whole rival, apart from the others (else none)
+            rival = _shape_mask(size, shape, *rng.uniform(0.15, 0.85, 2) * size, radius * scale, angle, 0.6)
+            if not (rival & taken).any():
+                break
+        else:
+            continue
+        if rival.any():
+            rgb = _hsv_to_rgb(salient_hue + rng.uniform(-10, 10), salient_sat, salient_val)
+            rivals.append(_Object("rival", salient.colour_name, rgb, rival))
+            taken |= cv2.dilate(rival.astype(np.uint8), apart).astype(bool)
+    objects += rivals + [salient] + accents
     _paint_objects(rng, canvas, objects, cfg)
     regions = [Region("object", o.mask, o.shape, o.colour_name) for o in objects if o is not salient and o.mask.any()]
     regions.append(Region("salient", salient.mask, salient.shape, salient.colour_name))
-    _paint_over(rng, canvas, _occluding_bars(rng, cfg, salient.mask, knobs), cfg, regions)
+    bars = _occluding_bars(rng, cfg, salient.mask, knobs)
+    for rival in rivals:  # bars lie over the rivals too: a bar across it must not mark the salient object
+        bars += [bar for bar in _occluding_bars(rng, cfg, rival.mask, knobs) if not (bar.mask & mask).any()]
+    _paint_over(rng, canvas, bars, cfg, regions)
     scene = _finish_binary("saliency", seed, canvas, regions, "salient")
     for r in scene.regions:  # the salient object is an object like the others (REGION_KINDS)
         if r.kind == "salient":
