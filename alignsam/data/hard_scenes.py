@@ -5,10 +5,12 @@ away. Here every task adds what makes the paper's datasets hard, each to the tas
 
 * **distractors that share the target's look**: dark stains on the ground that are no shadow, as
   large as the shadows, and dark objects; tinted panels that tint like glass but do not refract;
-  rivals of the salient object's colour at nearly its size, and smaller same-hue accents; objects of a category's colour but another shape; sharp twins of the blurred objects.
+  rivals of the salient object's colour at nearly its size, and smaller same-hue accents; objects
+  of a category's colour but another shape; sharp twins of the blurred objects.
   A detector of colour or darkness alone (the text side, a per-patch classifier) is then wrong.
-* **targets in more and smaller pieces**: more, smaller casters, instances and blurred objects;
-  window frames across the panes.
+* **targets in more and smaller pieces**: more, smaller instances and blurred objects; window
+  frames across the panes (shadow is the exception: fewer, smaller casters with whole shadows,
+  since slivers cost the oracle as much as the baselines).
 * **lower contrast** between target and background: lighter shadows, weaker refraction and tint,
   a less saturated salient object, gentler defocus, duller category colours.
 * **occlusion**: bars and objects lying over the targets, cutting them into pieces (on shadow,
