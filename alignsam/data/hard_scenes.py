@@ -13,8 +13,9 @@ away. Here every task adds what makes the paper's datasets hard, each to the tas
   since slivers cost the oracle as much as the baselines).
 * **lower contrast** between target and background: lighter shadows, weaker refraction and tint,
   a less saturated salient object, gentler defocus, duller category colours.
-* **occlusion**: bars and objects lying over the targets, cutting them into pieces (on shadow,
-  glass and saliency over the look-alikes too, so that a bar marks nothing).
+* **occlusion**: bars and objects lying over the targets, cutting them into pieces, and bars over
+  the look-alikes too (stains, panels, rivals, non-category objects, sharp twins), so that a bar
+  marks nothing.
 
 What stays fixed: a task's target is still what a click on it should segment (the tiny SAM's
 one-click IoU on the target is the check; docs/bundled-world.md, "The hard world").
@@ -76,7 +77,7 @@ class HardKnobs:
     blur_object_scale: float = 0.75
     blur_sigma: Tuple[float, float] = (1.8, 3.2)  # standard (3, 6)
     blur_twins: Tuple[int, int] = (2, 3)  # sharp objects of a blurred object's colour
-    # every task: bars lying over the target
+    # every task: bars lying over the target (and over its look-alikes)
     occluders: Tuple[int, int] = (1, 1)
     occluder_width: Tuple[float, float] = (0.02, 0.04)  # fraction of the side
 
@@ -323,7 +324,11 @@ def _categories_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Sce
     _paint_objects(rng, canvas, objects, cfg)
     regions = _object_regions(objects)
     instances = _union([o.mask for o in objects if o.category], canvas.shape[:2])
-    _paint_over(rng, canvas, _occluding_bars(rng, cfg, instances, knobs), cfg, regions)
+    bars = _occluding_bars(rng, cfg, instances, knobs)
+    others = _union([o.mask for o in objects if not o.category], canvas.shape[:2])
+    if others.any():  # and over the look-alikes: a bar across an object must not mark it as an instance
+        bars += _occluding_bars(rng, cfg, others, knobs)
+    _paint_over(rng, canvas, bars, cfg, regions)
     return _finish("categories", seed, canvas, regions, [])
 
 
@@ -359,7 +364,10 @@ def _blur_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
         source = twins_of[rng.integers(len(twins_of))]
         twin_specs.append((SHAPES[rng.integers(len(SHAPES))], source.colour_name, source.rgb.copy(), None))
     twins = _place_objects(rng, cfg, len(twin_specs), twin_specs, radius_scale=knobs.blur_object_scale * 0.8)
-    _paint_over(rng, canvas, twins + _occluding_bars(rng, cfg, blur_mask, knobs), cfg, regions)
+    bars = _occluding_bars(rng, cfg, blur_mask, knobs)
+    # and over the sharp twins: a bar across an object must not mark it as defocused
+    bars += _occluding_bars(rng, cfg, _union([t.mask for t in twins], (size, size)), knobs)
+    _paint_over(rng, canvas, twins + bars, cfg, regions)
     return _finish_binary("blur", seed, canvas, regions, "blur")
 
 
