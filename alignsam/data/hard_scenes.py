@@ -35,7 +35,7 @@ import numpy as np
 from alignsam.data import scenes as base
 from alignsam.data.scenes import (CATEGORIES, CATEGORY_NAMES, COLOURS, SHAPES, Region, Scene, SceneConfig, _Object,
                                   _background, _finish, _hsv_to_rgb, _object_regions, _off_centre, _paint_objects,
-                                  _place_objects, _random_specs, _shape_mask, _texture, _union)
+                                  _dull_distractors, _place_objects, _random_specs, _shape_mask, _texture, _union)
 
 @dataclass(frozen=True)
 class HardKnobs:
@@ -246,13 +246,7 @@ def _saliency_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene
     hue, sat, val = rng.uniform(0, 360), rng.uniform(0.1, 0.35), rng.uniform(0.4, 0.7)
     canvas = _hsv_to_rgb(hue, sat, val)[None, None, :] + _texture(rng, size, cfg.texture_amplitude * 0.8)[..., None]
     canvas = canvas.astype(np.float32)
-    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    specs = []
-    for _ in range(count - 1):  # low-contrast distractors: close to the background colour
-        rgb = _hsv_to_rgb(hue + rng.uniform(-25, 25), min(1.0, sat + rng.uniform(-0.05, 0.12)),
-                          float(np.clip(val + rng.uniform(-0.12, 0.12), 0, 1)))
-        specs.append((SHAPES[rng.integers(len(SHAPES))], "dull", rgb, None))
-    objects = _place_objects(rng, cfg, count - 1, specs)
+    objects = _dull_distractors(rng, cfg, hue, sat, val)
     salient_hue = hue + 180 + rng.uniform(-knobs.salient_hue_offset, knobs.salient_hue_offset)
     salient_sat, salient_val = rng.uniform(*knobs.salient_saturation), rng.uniform(0.75, 0.95)
     shape = SHAPES[rng.integers(len(SHAPES))]

@@ -383,18 +383,24 @@ def _glass_scene(rng, cfg, seed) -> Scene:
     return _finish("glass", seed, canvas, regions, targets)
 
 
+def _dull_distractors(rng, cfg, hue: float, sat: float, val: float) -> List[_Object]:
+    """The saliency scenes' background objects (both worlds): ``min_objects - 1`` to
+    ``max_objects - 1`` low-contrast distractors close to the background colour (hue, sat, val)."""
+    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    specs = []
+    for _ in range(count - 1):
+        rgb = _hsv_to_rgb(hue + rng.uniform(-25, 25), min(1.0, sat + rng.uniform(-0.05, 0.12)),
+                          float(np.clip(val + rng.uniform(-0.12, 0.12), 0, 1)))
+        specs.append((SHAPES[rng.integers(len(SHAPES))], "dull", rgb, None))
+    return _place_objects(rng, cfg, count - 1, specs)
+
+
 def _saliency_scene(rng, cfg, seed) -> Scene:
     size = cfg.size
     hue, sat, val = rng.uniform(0, 360), rng.uniform(0.05, 0.3), rng.uniform(0.4, 0.7)
     canvas = _hsv_to_rgb(hue, sat, val)[None, None, :] + _texture(rng, size, cfg.texture_amplitude * 0.7)[..., None]
     canvas = canvas.astype(np.float32)
-    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    specs = []
-    for _ in range(count - 1):  # low-contrast distractors: close to the background colour
-        rgb = _hsv_to_rgb(hue + rng.uniform(-25, 25), min(1.0, sat + rng.uniform(-0.05, 0.12)),
-                          float(np.clip(val + rng.uniform(-0.12, 0.12), 0, 1)))
-        specs.append((SHAPES[rng.integers(len(SHAPES))], "dull", rgb, None))
-    objects = _place_objects(rng, cfg, count - 1, specs)
+    objects = _dull_distractors(rng, cfg, hue, sat, val)
     salient_hue = hue + 180 + rng.uniform(-40, 40)
     shape = SHAPES[rng.integers(len(SHAPES))]
     mask = _shape_mask(size, shape, *_off_centre(rng) * size, rng.uniform(0.12, 0.2) * size,
