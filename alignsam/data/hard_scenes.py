@@ -35,7 +35,7 @@ import numpy as np
 from alignsam.data import scenes as base
 from alignsam.data.scenes import (CATEGORIES, CATEGORY_NAMES, COLOURS, SHAPES, Region, Scene, SceneConfig, _Object,
                                   _background, _finish, _hsv_to_rgb, _object_regions, _off_centre, _paint_objects,
-                                  _dull_distractors, _place_objects, _random_specs, _shape_mask, _texture, _union)
+                                  _cast_shadow, _dull_distractors, _place_objects, _random_specs, _shape_mask, _texture, _union)
 
 @dataclass(frozen=True)
 class HardKnobs:
@@ -152,10 +152,7 @@ def _shadow_scene(rng, cfg: SceneConfig, seed: int, knobs: HardKnobs) -> Scene:
     objects = _place_objects(rng, cfg, count, specs, radius_scale=knobs.shadow_caster_scale)
     angle = rng.uniform(0, 2 * np.pi)
     dist = rng.uniform(*knobs.shadow_offset) * size
-    shift = np.float32([[1, 0, dist * np.cos(angle)], [0, 1, dist * np.sin(angle)]])
-    cast = np.zeros((size, size), np.float32)
-    for obj in objects:
-        cast = np.maximum(cast, cv2.warpAffine(obj.mask.astype(np.float32), shift, (size, size)))
+    cast = _cast_shadow(objects, angle, dist, size)
     softness = rng.uniform(*knobs.shadow_softness)
     soft = cv2.GaussianBlur(cast, (0, 0), softness)
     # stains: blobs of the ground darkened exactly as a shadow darkens it, cast by nothing

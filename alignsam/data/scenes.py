@@ -322,6 +322,16 @@ def _blur_scene(rng, cfg, seed) -> Scene:
     return _finish("blur", seed, canvas, regions, [len(regions) - 1])
 
 
+def _cast_shadow(objects: List[_Object], angle: float, dist: float, size: int) -> np.ndarray:
+    """The union of the objects' masks moved ``dist`` px along ``angle`` (radians): float32
+    ``(size, size)`` in [0, 1], the shadow before softening (both worlds' shadow scenes)."""
+    shift = np.float32([[1, 0, dist * np.cos(angle)], [0, 1, dist * np.sin(angle)]])
+    cast = np.zeros((size, size), np.float32)
+    for obj in objects:
+        cast = np.maximum(cast, cv2.warpAffine(obj.mask.astype(np.float32), shift, (size, size)))
+    return cast
+
+
 def _shadow_scene(rng, cfg, seed) -> Scene:
     size = cfg.size
     canvas = _background(rng, cfg, low_saturation=False)
@@ -329,10 +339,7 @@ def _shadow_scene(rng, cfg, seed) -> Scene:
     objects = _place_objects(rng, cfg, count, _random_specs(rng, count), radius_scale=0.9)
     angle = rng.uniform(0, 2 * np.pi)
     dist = rng.uniform(*cfg.shadow_offset) * size
-    shift = np.float32([[1, 0, dist * np.cos(angle)], [0, 1, dist * np.sin(angle)]])
-    cast = np.zeros((size, size), np.float32)
-    for obj in objects:
-        cast = np.maximum(cast, cv2.warpAffine(obj.mask.astype(np.float32), shift, (size, size)))
+    cast = _cast_shadow(objects, angle, dist, size)
     soft = cv2.GaussianBlur(cast, (0, 0), rng.uniform(1.0, 2.5))
     darkness = rng.uniform(*cfg.shadow_darkness)
     canvas = canvas * (1 - (1 - darkness) * soft[..., None])
