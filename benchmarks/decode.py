@@ -226,8 +226,8 @@ def benchmark_model(name: str, checkpoint: Optional[str], args, device: torch.de
 
 def markdown_table(rows: List[dict], clicks: int) -> str:
     lines = [
-        f"| model | B | clicks | (a) SamPredictor / SAM2ImagePredictor .predict loop, masks/s | (b) decoder one image a call, masks/s "
-        f"| (c) batched Segmenter.decode, masks/s | (c) / (a) |",
+        "| model | B | clicks | (a) SamPredictor / SAM2ImagePredictor .predict loop, masks/s | (b) decoder one image a call, masks/s "
+        "| (c) batched Segmenter.decode, masks/s | (c) / (a) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -23,7 +23,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from alignsam.atomic import write_text_atomic
 from alignsam.errors import UserError, exit_on_user_error

@@ -14,7 +14,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("sam2", reason="SAM 2 is an optional extra: pip install -e .[sam2] (docs/sam2.md)")
 from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
