@@ -1,0 +1,82 @@
+"""The variants table from ``evaluate.py summary``'s CSVs: per world, task and agent variant, the
+variant's headline metric (mean ± sd over seeds) and its paired bootstrap difference with the
+paper's agent, with the SRM's confidence points (the strongest w/o RL reading) and with the oracle.
+
+    python docs/results/variants.py standard=docs/results/variants/standard/summary.csv \\
+        hard=docs/results/variants/hard/summary.csv [--baseline paper]
+
+Each entry is ``WORLD=CSV``, a ``summary.csv`` written by ``python evaluate.py summary --runs
+paper=RUN ... confident=RUN ... --out DIR``: labelled runs, one label per agent variant, the paper's
+agent under ``--baseline``'s label. Only each task's first headline metric is shown. A difference is
+the variant minus the other, in **bold** where its interval excludes zero. A one-seed summary (the
+validation screen) resamples the scenes only.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+_spec = importlib.util.spec_from_file_location("headline", Path(__file__).with_name("headline.py"))
+headline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(headline)
+
+COLUMNS = ("seeds", "agent (mean ± sd)", "variant − paper's agent [95% CI]",
+           "variant − SRM-confidence pts [95% CI]", "variant − oracle (T clicks) [95% CI]")
+
+
+def _cell(row: Optional[Dict[str, str]]) -> str:
+    return "-" if row is None else headline._difference(row)
+
+
+def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str) -> List[str]:
+    """Markdown rows, one per (task, variant) of ``rows``, tasks in README order, the baseline first."""
+    lines = []
+    for task in headline.TASK_ORDER:
+        mine = [r for r in rows if r["task"] == task]
+        if not mine:
+            continue
+        metric = mine[0]["metric"]
+        mine = [r for r in mine if r["metric"] == metric]
+        arrow = "↓" if mine[0]["lower_is_better"] == "1" else "↑"
+        labels = list(dict.fromkeys(r["agent_variant"] for r in mine))
+        labels.sort(key=lambda label: label != baseline)
+        for label in labels:
+            own = {r["strategy"]: r for r in mine if r["agent_variant"] == label and r["variant"] == label}
+            versus_paper = next((r for r in mine if r["agent_variant"] == label and r["variant"] == baseline
+                                 and r["strategy"] == "agent"), None)
+            agent = own["agent"]
+            cells = [world, f"{task} ({metric} {arrow})", f"`{label}`" if label != baseline else f"{label} (default)",
+                     agent["seeds"], headline._mean_sd(agent),
+                     "" if label == baseline else _cell(versus_paper), _cell(own.get("no_rl")), _cell(own.get("oracle"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def variants_table(entries: Dict[str, Path], baseline: str = "paper") -> str:
+    head = ["world", "task (metric)", "agent"] + list(COLUMNS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for world, path in entries.items():
+        lines += variant_rows(world, headline.read_rows(path), baseline)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="+", metavar="WORLD=CSV")
+    parser.add_argument("--baseline", default="paper", help="the label of the paper's agent in the summaries")
+    args = parser.parse_args(argv)
+    entries = {}
+    for entry in args.entries:
+        world, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"{entry!r}: expected WORLD=CSV with an existing summary.csv")
+        entries[world] = Path(path)
+    table = variants_table(entries, args.baseline)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
