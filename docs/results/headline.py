@@ -74,18 +74,23 @@ def headline_table(entries: Dict[str, Path], agent_variant: str = "") -> str:
     return "\n".join(lines)
 
 
+def world_entries(parser: argparse.ArgumentParser, entries: Sequence[str]) -> Dict[str, Path]:
+    """``WORLD=CSV`` arguments -> ``{world: path}``; a malformed one or a missing file is a usage error."""
+    out = {}
+    for entry in entries:
+        world, sep, path = entry.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"{entry!r}: expected WORLD=CSV with an existing summary.csv")
+        out[world] = Path(path)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("entries", nargs="+", metavar="WORLD=CSV")
     parser.add_argument("--agent-variant", default="", help="the agent variant's label in the summary (default: unlabelled runs)")
     args = parser.parse_args(argv)
-    entries = {}
-    for entry in args.entries:
-        world, sep, path = entry.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"{entry!r}: expected WORLD=CSV with an existing summary.csv")
-        entries[world] = Path(path)
-    table = headline_table(entries, args.agent_variant)
+    table = headline_table(world_entries(parser, args.entries), args.agent_variant)
     print(table)
     return table
 

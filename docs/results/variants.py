@@ -67,13 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("entries", nargs="+", metavar="WORLD=CSV")
     parser.add_argument("--baseline", default="paper", help="the label of the paper's agent in the summaries")
     args = parser.parse_args(argv)
-    entries = {}
-    for entry in args.entries:
-        world, sep, path = entry.partition("=")
-        if not sep or not Path(path).is_file():
-            parser.error(f"{entry!r}: expected WORLD=CSV with an existing summary.csv")
-        entries[world] = Path(path)
-    table = variants_table(entries, args.baseline)
+    table = variants_table(headline.world_entries(parser, args.entries), args.baseline)
     print(table)
     return table
 
