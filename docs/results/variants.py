@@ -22,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("headline", Path(__file__).with_n
 headline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(headline)
 
-COLUMNS = ("seeds", "agent (mean ± sd)", "variant − paper's agent [95% CI]",
+COLUMNS = ("seeds", "agent (mean ± sd)", "variant − {baseline} [95% CI]",
            "variant − SRM-confidence pts [95% CI]", "variant − oracle (T clicks) [95% CI]")
 
 
@@ -55,7 +55,7 @@ def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str) -> List[
 
 
 def variants_table(entries: Dict[str, Path], baseline: str = "paper") -> str:
-    head = ["world", "task (metric)", "agent"] + list(COLUMNS)
+    head = ["world", "task (metric)", "agent"] + [c.format(baseline=baseline) for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for world, path in entries.items():
         lines += variant_rows(world, headline.read_rows(path), baseline)
