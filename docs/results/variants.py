@@ -3,7 +3,7 @@ variant's headline metric (mean ± sd over seeds) and its paired bootstrap diffe
 paper's agent, with the SRM's confidence points (the strongest w/o RL reading) and with the oracle.
 
     python docs/results/variants.py standard=docs/results/variants/standard/summary.csv \\
-        hard=docs/results/variants/hard/summary.csv [--baseline paper]
+        hard=docs/results/variants/hard/summary.csv [--baseline paper] [--no-oracle]
 
 Each entry is ``WORLD=CSV``, a ``summary.csv`` written by ``python evaluate.py summary --runs
 paper=RUN ... confident=RUN ... --out DIR``: labelled runs, one label per agent variant, the paper's
@@ -30,7 +30,7 @@ def _cell(row: Optional[Dict[str, str]]) -> str:
     return "-" if row is None else headline._difference(row)
 
 
-def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str) -> List[str]:
+def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str, oracle: bool = True) -> List[str]:
     """Markdown rows, one per (task, variant) of ``rows``, tasks in README order, the baseline first."""
     lines = []
     for task in headline.TASK_ORDER:
@@ -49,16 +49,17 @@ def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str) -> List[
             agent = own["agent"]
             cells = [world, f"{task} ({metric} {arrow})", f"`{label}`" if label != baseline else f"{label} (default)",
                      agent["seeds"], headline._mean_sd(agent),
-                     "" if label == baseline else _cell(versus_paper), _cell(own.get("no_rl")), _cell(own.get("oracle"))]
+                     "" if label == baseline else _cell(versus_paper), _cell(own.get("no_rl"))]
+            cells += [_cell(own.get("oracle"))] if oracle else []
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def variants_table(entries: Dict[str, Path], baseline: str = "paper") -> str:
-    head = ["world", "task (metric)", "agent"] + [c.format(baseline=baseline) for c in COLUMNS]
+def variants_table(entries: Dict[str, Path], baseline: str = "paper", oracle: bool = True) -> str:
+    head = ["world", "task (metric)", "agent"] + [c.format(baseline=baseline) for c in COLUMNS[:None if oracle else -1]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for world, path in entries.items():
-        lines += variant_rows(world, headline.read_rows(path), baseline)
+        lines += variant_rows(world, headline.read_rows(path), baseline, oracle)
     return "\n".join(lines)
 
 
@@ -66,8 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("entries", nargs="+", metavar="WORLD=CSV")
     parser.add_argument("--baseline", default="paper", help="the label of the paper's agent in the summaries")
+    parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle column (runs scored without it)")
     args = parser.parse_args(argv)
-    table = variants_table(headline.world_entries(parser, args.entries), args.baseline)
+    table = variants_table(headline.world_entries(parser, args.entries), args.baseline, not args.no_oracle)
     print(table)
     return table
 

@@ -55,3 +55,15 @@ def test_a_missing_csv_is_a_one_line_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         variants.main([f"standard={tmp_path / 'absent.csv'}"])
     assert "expected WORLD=CSV" in capsys.readouterr().err
+
+
+def test_no_oracle_drops_the_column_for_runs_scored_without_it(tmp_path):
+    path = summary_csv(tmp_path / "summary.csv", [
+        labelled("glass", "agent", "0.9", "paper"),
+        labelled("glass", "oracle", "0.95", "paper", diff="-0.05", low="-0.06", high="-0.04", verdict="loss"),
+    ])
+    with_oracle = variants.main([f"standard={path}"]).splitlines()
+    without = variants.main([f"standard={path}", "--no-oracle"]).splitlines()
+    assert "oracle" in with_oracle[0] and "oracle" not in without[0]
+    assert with_oracle[2].count("|") == without[2].count("|") + 1
+    assert "-0.050" in with_oracle[2] and "-0.050" not in without[2]
