@@ -36,12 +36,12 @@ def _fmt(x: float) -> str:
     return "-" if math.isnan(x) else (f"{x:.2f}" if abs(x) >= 10 else f"{x:.3f}")
 
 
-def _mean_sd(row: Dict[str, str]) -> str:
+def mean_sd_cell(row: Dict[str, str]) -> str:
     sd = _value(row["sd"])
     return _fmt(_value(row["mean"])) + ("" if math.isnan(sd) else f" ± {_fmt(sd)}")
 
 
-def _difference(row: Dict[str, str]) -> str:
+def difference_cell(row: Dict[str, str]) -> str:
     diff, low, high = (_value(row[k]) for k in ("difference", "ci_low", "ci_high"))
     text = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
     return f"**{text}**" if row["verdict"] in ("win", "loss") else text
@@ -58,10 +58,10 @@ def headline_rows(world: str, rows: List[Dict[str, str]], agent_variant: str = "
         mine = [r for r in mine if r["metric"] == metric and r["variant"] in ("", agent_variant)]
         by = {r["strategy"]: r for r in mine}
         arrow = "↓" if mine[0]["lower_is_better"] == "1" else "↑"
-        cells = [world, f"{task} ({metric} {arrow})", f"{by['agent']['seeds']}", _mean_sd(by["agent"])]
+        cells = [world, f"{task} ({metric} {arrow})", f"{by['agent']['seeds']}", mean_sd_cell(by["agent"])]
         for strategy in COLUMNS:
             r = by.get(strategy)
-            cells.append("-" if r is None else f"{_fmt(_value(r['mean']))}; {_difference(r)}")
+            cells.append("-" if r is None else f"{_fmt(_value(r['mean']))}; {difference_cell(r)}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -27,7 +27,7 @@ COLUMNS = ("seeds", "agent (mean ± sd)", "variant − {baseline} [95% CI]",
 
 
 def _cell(row: Optional[Dict[str, str]]) -> str:
-    return "-" if row is None else headline._difference(row)
+    return "-" if row is None else headline.difference_cell(row)
 
 
 def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str, oracle: bool = True) -> List[str]:
@@ -44,12 +44,12 @@ def variant_rows(world: str, rows: List[Dict[str, str]], baseline: str, oracle: 
         labels.sort(key=lambda label: label != baseline)
         for label in labels:
             own = {r["strategy"]: r for r in mine if r["agent_variant"] == label and r["variant"] == label}
-            versus_paper = next((r for r in mine if r["agent_variant"] == label and r["variant"] == baseline
+            versus_baseline = next((r for r in mine if r["agent_variant"] == label and r["variant"] == baseline
                                  and r["strategy"] == "agent"), None)
             agent = own["agent"]
             cells = [world, f"{task} ({metric} {arrow})", f"`{label}`" if label != baseline else f"{label} (default)",
-                     agent["seeds"], headline._mean_sd(agent),
-                     "" if label == baseline else _cell(versus_paper), _cell(own.get("no_rl"))]
+                     agent["seeds"], headline.mean_sd_cell(agent),
+                     "" if label == baseline else _cell(versus_baseline), _cell(own.get("no_rl"))]
             cells += [_cell(own.get("oracle"))] if oracle else []
             lines.append("| " + " | ".join(cells) + " |")
     return lines
