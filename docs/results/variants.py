@@ -69,7 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--baseline", default="paper", help="the label of the paper's agent in the summaries")
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle column (runs scored without it)")
     args = parser.parse_args(argv)
-    table = variants_table(headline.world_entries(parser, args.entries), args.baseline, not args.no_oracle)
+    entries = headline.world_entries(parser, args.entries)
+    for path in entries.values():
+        labels = {r["agent_variant"] for r in headline.read_rows(path)}
+        if args.baseline not in labels:
+            parser.error(f"--baseline {args.baseline!r}: no runs with that label in {path} (labels: {sorted(labels)})")
+    table = variants_table(entries, args.baseline, not args.no_oracle)
     print(table)
     return table
 

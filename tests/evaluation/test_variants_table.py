@@ -67,3 +67,15 @@ def test_no_oracle_drops_the_column_for_runs_scored_without_it(tmp_path):
     assert "oracle" in with_oracle[0] and "oracle" not in without[0]
     assert with_oracle[2].count("|") == without[2].count("|") + 1
     assert "-0.050" in with_oracle[2] and "-0.050" not in without[2]
+
+
+def test_a_baseline_label_absent_from_a_csv_is_a_one_line_usage_error_naming_it(tmp_path, capsys):
+    path = summary_csv(tmp_path / "summary.csv", [
+        labelled("categories", "agent", "0.69", "n50"),
+        labelled("categories", "agent", "0.70", "n200"),
+    ])
+    with pytest.raises(SystemExit):
+        variants.main([f"standard={path}"])  # the default baseline 'paper' is not among n50, n200
+    err = capsys.readouterr().err
+    assert "--baseline 'paper'" in err and str(path) in err and "n50" in err
+    assert "n50 (default)" in variants.main([f"standard={path}", "--baseline", "n50"])
